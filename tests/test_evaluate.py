@@ -1,0 +1,295 @@
+"""Known-answer tests of the evaluators (notebook 09): every scorer gives the right number where it is known."""
+import base64
+import csv
+import io
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from illume_ref.config import get_config
+from illume_ref.encoders import ToyViT
+from illume_ref.evaluate import (AlwaysYesModel, BlankModel, ModelLike, OracleModel, RandomModel, ToySuite,
+                                 circular_variants, emu_edit_outputs, eval_edit, eval_fid, eval_geneval,
+                                 eval_mmbench, eval_pope, eval_vqa, evaluate, extract_choice, frechet_distance,
+                                 frechet_distance_features, geneval_samples, mmbench_predictions, normalize_answer,
+                                 parse_yes_no, pope_answers, pope_metrics, random_circular_accuracy,
+                                 report_markdown, score_geneval_folder, score_mmbench, score_pope,
+                                 toy_geneval_metadata, toy_suite)
+from illume_ref.toyworld import POPE_VARIANTS, detect_scene, make_caption, render, sample_scene
+
+SMALL = {'eval.pope_per_split': 10, 'eval.mmbench_questions': 24, 'eval.vqa_questions': 24,
+         'eval.geneval_prompts_per_category': 3, 'eval.geneval_images_per_prompt': 2, 'eval.fid_samples': 24,
+         'eval.edit_samples': 12}
+
+
+@pytest.fixture(scope='module')
+def cfg(): return get_config('toy', SMALL)
+
+
+@pytest.fixture(scope='module')
+def suite(cfg): return toy_suite(cfg)
+
+
+@pytest.fixture(scope='module')
+def encoder(cfg):
+    torch.manual_seed(0)
+    return ToyViT(cfg.encoder).eval()  # a fixed random encoder: the arithmetic does not need a trained one
+
+
+# ---- parsers ---------------------------------------------------------------------------------------------
+def test_parse_yes_no_follows_llava():
+    assert [parse_yes_no(t) for t in ['Yes', 'No.', 'There is not a star.', "It isn't", '', 'Yes. No more']] == \
+           ['yes', 'no', 'no', 'no', 'yes', 'yes']
+
+
+def test_extract_choice():
+    opts = ['red', 'blue', 'green', 'brown']
+    cases = {'B': 'B', '(C)': 'C', 'D. brown': 'D', 'The answer is B.': 'B', 'A red circle': 'A', 'blue': 'B',
+             'It is green': 'C', 'A or B': None, 'no idea': None, 'A': 'A'}
+    assert {t: extract_choice(t, opts) for t in cases} == cases
+
+
+def test_normalize_answer():
+    assert [normalize_answer(t) for t in ['Three.', 'the Disc', 'Top-left', 'A plus sign', 'violet']] == \
+           ['3', 'circle', 'top left', 'cross', 'purple']
+
+
+# ---- POPE ------------------------------------------------------------------------------------------------
+def test_pope_metrics_by_hand():
+    m = pope_metrics(['yes', 'yes', 'yes', 'no'], ['yes', 'yes', 'no', 'no'])
+    assert (m['tp'], m['fp'], m['tn'], m['fn']) == (2, 1, 1, 0)
+    assert m['precision'] == pytest.approx(2 / 3) and m['recall'] == 1 and m['yes_ratio'] == 0.75
+    assert m['f1'] == pytest.approx(0.8)
+
+
+def test_pope_always_yes(suite):
+    r = eval_pope(AlwaysYesModel(), suite)
+    for v in POPE_VARIANTS:
+        assert (r[v]['accuracy'], r[v]['recall'], r[v]['yes_ratio'], r[v]['precision']) == (0.5, 1.0, 1.0, 0.5)
+    assert r['average']['f1'] == pytest.approx(2 / 3)
+
+
+def test_pope_oracle_and_blank(suite):
+    assert eval_pope(OracleModel(suite), suite)['average']['accuracy'] == 1.0
+    assert eval_pope(BlankModel(), suite)['average']['yes_ratio'] == 1.0   # '' reads as yes, as in LLaVA's script
+
+
+# ---- MMBench ---------------------------------------------------------------------------------------------
+def test_circular_variants_rotate_answer():
+    v = circular_variants(['a', 'b', 'c', 'd'], 'B')
+    assert [ans for _, ans in v] == ['B', 'A', 'D', 'C']
+    assert all(opts['ABCD'.index(ans)] == 'b' for opts, ans in v)
+
+
+class _Constant:
+    def __init__(self, text): self.text = text
+    def answer(self, images, questions): return [self.text] * len(questions)
+
+
+def test_mmbench_constant_letter_never_survives_circular_eval(suite):
+    r = eval_mmbench(_Constant('A'), suite)
+    assert r['circular_accuracy'] == 0.0   # the right letter moves through A-D: 'A' is right in exactly one pass
+    assert r['single_pass_accuracy'] == pytest.approx(np.mean([it['answer'] == 'A' for it in suite.mmbench]))
+
+
+def test_mmbench_oracle_and_random(cfg):
+    s = toy_suite(get_config('toy', {**SMALL, 'eval.mmbench_questions': 300}))
+    assert eval_mmbench(OracleModel(s), s)['circular_accuracy'] == 1.0
+    r = eval_mmbench(RandomModel(seed=0), s)
+    assert r['random_expected'] == pytest.approx(1 / 256)
+    assert 0.18 < r['single_pass_accuracy'] < 0.32   # 1/4 +- 3 standard deviations (n = 300)
+    assert r['circular_accuracy'] <= 6 / 300         # Poisson(300/256): P(>= 7) ~ 2e-4
+    assert random_circular_accuracy([2, 4]) == pytest.approx((0.25 + 1 / 256) / 2)
+
+
+# ---- VQA -------------------------------------------------------------------------------------------------
+def test_vqa_known_answers(suite):
+    assert eval_vqa(OracleModel(suite), suite)['accuracy'] == 1.0
+    assert eval_vqa(BlankModel(), suite)['accuracy'] == 0.0
+    r = eval_vqa(_Constant('Yes.'), suite)   # right exactly on the yes/no position questions whose answer is yes
+    assert r['accuracy'] == pytest.approx(np.mean([it['answer'] == 'yes' for it in suite.vqa]))
+
+
+# ---- GenEval ---------------------------------------------------------------------------------------------
+def test_geneval_known_answers(suite):
+    r = eval_geneval(OracleModel(suite), suite, 2)
+    assert r['overall'] == 1.0 and set(r['categories']) == {'single_object', 'two_object', 'counting', 'colors', 'position', 'color_attr'}
+    assert eval_geneval(BlankModel(), suite, 2)['overall'] == 0.0
+
+
+def test_geneval_overall_is_mean_of_categories(suite):
+    class HalfOracle(OracleModel):  # perfect on even prompts, blank on odd ones
+        def generate(self, prompts, num_images=1, seed=0):
+            good = super().generate(prompts, num_images, seed)
+            return [g if self.index[p] % 2 == 0 else BlankModel().generate([p], num_images)[0] for p, g in zip(prompts, good)]
+    m = HalfOracle(suite); m.index = {it['prompt']: i for i, it in enumerate(suite.geneval)}
+    r = eval_geneval(m, suite, 2)
+    cats = r['categories']
+    assert r['overall'] == pytest.approx(np.mean(list(cats.values())))
+    expected = {c: np.mean([i % 2 == 0 for i, it in enumerate(suite.geneval) if it['category'] == c]) for c in cats}
+    assert cats == pytest.approx(expected)
+
+
+def test_geneval_unreadable_images_are_counted_failures(suite):
+    class Broken(BlankModel):
+        def generate(self, prompts, num_images=1, seed=0): return [[None] * num_images for _ in prompts]
+    r = eval_geneval(Broken(), suite, 2)
+    assert r['overall'] == 0 and r['skipped'] == {'no image returned (scored as failure)': 2 * len(suite.geneval)}
+
+
+def test_generate_contract_is_checked(suite):
+    class Short(BlankModel):
+        def generate(self, prompts, num_images=1, seed=0): return [[]] * len(prompts)
+    with pytest.raises(ValueError, match='one list of 2 images per prompt'):
+        eval_geneval(Short(), suite, 2)
+
+
+# ---- Fréchet distance -------------------------------------------------------------------------------------
+def test_frechet_distance_known_values():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5000, 4))
+    assert frechet_distance_features(x, x) == pytest.approx(0, abs=1e-8)
+    assert frechet_distance(np.zeros(4), np.eye(4), np.full(4, 0.5), np.eye(4)) == pytest.approx(1.0)
+    assert frechet_distance(np.zeros(4), np.eye(4), np.zeros(4), 9 * np.eye(4)) == pytest.approx(16.0)  # d (1 - 3)^2
+    assert frechet_distance_features(x, 3 * x + 0.5) == pytest.approx(17.0, rel=0.05)
+    from scipy import linalg
+    a = np.cov(rng.normal(size=(40, 6)), rowvar=False); b = np.cov(rng.normal(size=(40, 6)) * 2 + 1, rowvar=False)
+    ref = np.trace(a) + np.trace(b) - 2 * np.trace(linalg.sqrtm(a @ b)).real
+    assert frechet_distance(np.zeros(6), a, np.zeros(6), b) == pytest.approx(ref, rel=1e-6)
+
+
+def test_fid_analogue(suite, encoder):
+    assert eval_fid(OracleModel(suite), suite, encoder)['fd'] == pytest.approx(0, abs=1e-6)
+    assert eval_fid(BlankModel(), suite, encoder)['fd'] > eval_fid(RandomModel(0), suite, encoder)['fd'] > 1e-3
+
+
+# ---- editing ---------------------------------------------------------------------------------------------
+def test_edit_known_answers(suite, encoder):
+    r = eval_edit(OracleModel(suite), suite, encoder)
+    assert r['exact_success'] == 1.0 and r['clip_t'] == pytest.approx(1.0)
+    r = eval_edit(AlwaysYesModel(), suite, encoder)   # returns the source: preserved perfectly, never edited
+    assert (r['clip_i'], r['dino'], r['exact_success']) == (pytest.approx(1.0), pytest.approx(1.0), 0.0)
+
+
+# ---- evaluate --------------------------------------------------------------------------------------------
+def test_evaluate_writes_metrics_report_and_plots(tmp_path, cfg, suite, encoder):
+    m = evaluate(OracleModel(suite), suite, cfg, out_dir=tmp_path, encoder=encoder)
+    h = m['headline']
+    assert (h['POPE'], h['MMBench'], h['VQA'], h['GenEval overall'], h['edit success']) == (100, 100, 100, 1, 1)
+    assert {'metrics.json', 'report.md', 'categories.png'} <= {p.name for p in tmp_path.iterdir()}
+    saved = json.loads((tmp_path / 'metrics.json').read_text())
+    assert saved['headline']['POPE'] == 100 and saved['paper']['table3']['POPE'] == 88.5
+    md = (tmp_path / 'report.md').read_text()
+    for s in ('Table 3', 'Table 4', 'Table 6', '88.5', '75.1', '0.61', '7.76', '0.879', 'toy world', 'real benchmarks'):
+        assert s in md
+
+
+def test_evaluate_reports_skipped_sections(tmp_path, cfg, suite, encoder):
+    class UnderstandOnly:
+        def answer(self, images, questions): return ['yes'] * len(questions)
+        def generate(self, prompts, num_images=1, seed=0): raise NotImplementedError('no image head')
+    m = evaluate(UnderstandOnly(), suite, cfg, out_dir=tmp_path, encoder=encoder)
+    assert 'pope' in m and 'geneval' not in m
+    assert list(m['skipped']['geneval'].values()) == [len(suite.geneval)]
+    assert 'has no edit() method' in next(iter(m['skipped']['edit']))
+    assert 'geneval' in (tmp_path / 'report.md').read_text().split('Skipped')[1]
+
+
+def test_doubles_satisfy_protocol(suite):
+    for m in (OracleModel(suite), AlwaysYesModel(), RandomModel(), BlankModel()):
+        assert isinstance(m, ModelLike)
+
+
+# ---- real-benchmark adapters -----------------------------------------------------------------------------
+def _pope_files(tmp_path, n=6, missing=(3,)):
+    (tmp_path / 'img').mkdir()
+    rng = random.Random(0)
+    with open(tmp_path / 'q.jsonl', 'w') as fh:
+        for i in range(n):
+            sc = sample_scene(rng)
+            if i not in missing: render(sc).save(tmp_path / 'img' / f'COCO_{i}.jpg')
+            fh.write(json.dumps({'question_id': i, 'image': f'COCO_{i}.jpg', 'text': 'Is there a red circle in the image?',
+                                 'label': ['yes', 'no'][i % 2], 'category': POPE_VARIANTS[i % 3]}) + '\n')
+    return tmp_path / 'q.jsonl', tmp_path / 'img'
+
+
+def test_pope_adapter_round_trip(tmp_path):
+    q, img = _pope_files(tmp_path)
+    s = pope_answers(AlwaysYesModel(), q, img, tmp_path / 'out' / 'answers.jsonl', model_id='m')
+    assert s['written'] == 5 and s['skipped'] == {'missing image': 1} and 'q.jsonl:4' in s['skipped_items'][0]
+    lines = [json.loads(l) for l in (tmp_path / 'out' / 'answers.jsonl').read_text().splitlines()]
+    assert set(lines[0]) >= {'question_id', 'prompt', 'text', 'answer_id', 'model_id'} and lines[0]['model_id'] == 'm'
+    sc = score_pope(tmp_path / 'out' / 'answers.jsonl', q)
+    assert sc['all']['yes_ratio'] == 1.0 and sc['unanswered'] == 1 and set(POPE_VARIANTS) <= set(sc)
+
+
+@pytest.mark.parametrize('content,match', [('', 'is empty'), ('{"question_id": 1, "image": "a", "text": "t"}\nnot json\n', r'q.jsonl:2'),
+                                           ('{"question_id": 1, "text": "t"}\n', r"q.jsonl:1: record lacks 'image'")])
+def test_pope_adapter_bad_input(tmp_path, content, match):
+    (tmp_path / 'q.jsonl').write_text(content)
+    with pytest.raises(ValueError, match=match):
+        pope_answers(AlwaysYesModel(), tmp_path / 'q.jsonl', tmp_path, tmp_path / 'a.jsonl')
+
+
+def _b64(img):
+    buf = io.BytesIO(); img.save(buf, format='PNG'); return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_mmbench_adapter(tmp_path, suite):
+    cols = ['index', 'question', 'hint', 'A', 'B', 'C', 'D', 'answer', 'category', 'l2-category', 'image']
+    items = suite.mmbench[:3]
+    with open(tmp_path / 'mmb.tsv', 'w', newline='') as fh:
+        w = csv.writer(fh, delimiter='\t'); w.writerow(cols)
+        for i, it in enumerate(items):
+            w.writerow([i, it['question'], 'nan', *it['options'], it['answer'], it['qtype'], 'toy', _b64(render(it['scene'])) if i < 2 else '!!'])
+    s = mmbench_predictions(_Constant('B'), tmp_path / 'mmb.tsv', tmp_path / 'pred.tsv', circular=True)
+    assert s['written'] == 8 and sum(s['skipped'].values()) == 1 and 'mmb.tsv:4' in s['skipped_items'][0]
+    rows = list(csv.DictReader(open(tmp_path / 'pred.tsv'), delimiter='\t'))
+    assert 'prediction' in rows[0] and 'image' not in rows[0]
+    assert sorted(int(r['index']) for r in rows) == [0, 1, 1000000, 1000001, 2000000, 2000001, 3000000, 3000001]
+    assert score_mmbench(tmp_path / 'pred.tsv')['circular_accuracy'] == 0.0   # a constant letter never survives
+    one = mmbench_predictions(_Constant('B'), tmp_path / 'mmb.tsv', tmp_path / 'pred1.tsv')
+    assert one['written'] == 2
+
+
+def test_geneval_adapter_layout_and_oracle_round_trip(tmp_path, suite):
+    meta = toy_geneval_metadata(suite.geneval)
+    assert {'tag', 'include', 'prompt'} <= set(meta[0])
+    (tmp_path / 'meta.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in meta))
+    s = geneval_samples(OracleModel(suite), tmp_path / 'meta.jsonl', tmp_path / 'out', n_samples=2)
+    assert s['written'] == 2 * len(meta)
+    assert json.loads((tmp_path / 'out' / '00001' / 'metadata.jsonl').read_text()) == meta[1]
+    assert sorted(p.name for p in (tmp_path / 'out' / '00000' / 'samples').iterdir()) == ['00000.png', '00001.png']
+    assert score_geneval_folder(tmp_path / 'out')['overall'] == 1.0
+    geneval_samples(BlankModel(), tmp_path / 'meta.jsonl', tmp_path / 'blank', n_samples=1)
+    assert score_geneval_folder(tmp_path / 'blank')['overall'] == 0.0
+    (tmp_path / 'empty.jsonl').write_text('\n')
+    with pytest.raises(ValueError, match='empty'):
+        geneval_samples(BlankModel(), tmp_path / 'empty.jsonl', tmp_path / 'x')
+
+
+def test_emu_edit_adapter(tmp_path, suite):
+    (tmp_path / 'src').mkdir()
+    with open(tmp_path / 'emu.jsonl', 'w') as fh:
+        for i, it in enumerate(suite.edit[:4]):
+            if i != 1: render(it['source']).save(tmp_path / 'src' / f'{i}.png')
+            fh.write(json.dumps({'idx': 10 + i, 'instruction': it['instruction'], 'input_caption': make_caption(it['source'], 'descriptive'),
+                                 'output_caption': make_caption(it['target'], 'descriptive'), 'image': f'{i}.png'}) + '\n')
+    (tmp_path / 'src' / '3.png').write_bytes(b'not a png')
+    s = emu_edit_outputs(OracleModel(suite), tmp_path / 'emu.jsonl', tmp_path / 'src', tmp_path / 'out')
+    assert s['written'] == 2 and s['skipped'] == {'missing image': 1, 'unreadable image (UnidentifiedImageError)': 1}
+    assert detect_scene(Image.open(tmp_path / 'out' / '10.png')) == suite.edit[0]['target']
+    assert len((tmp_path / 'out' / 'outputs.jsonl').read_text().splitlines()) == 2
+
+
+def test_evaluate_real_suite(tmp_path):
+    q, img = _pope_files(tmp_path, missing=())
+    m = evaluate(AlwaysYesModel(), 'real', out_dir=tmp_path / 'run', pope=(q, img))
+    assert m['suite'] == 'real' and m['pope']['average']['accuracy'] == 0.5
+    assert (tmp_path / 'run' / 'metrics.json').exists() and 'POPE' in (tmp_path / 'run' / 'report.md').read_text()
+    with pytest.raises(ValueError, match='needs at least one'):
+        evaluate(AlwaysYesModel(), 'real', out_dir=tmp_path / 'run2')
