@@ -1,0 +1,296 @@
+"""The MLLM (nbs/07_mllm.ipynb): build, save/load round trip, the forward pass and Eq. 1 split by task, exact label
+masking of dialogues, task collation, AnyRes, cached decoding, the full preset on `meta`, and clear errors."""
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+from transformers.utils import logging as hf_logging
+
+from illume_ref.config import get_config
+from illume_ref.encoders import images_to_tensor
+from illume_ref.model import (IllumeForConditionalGeneration, anyres_views, build_illume, collate, example_to_turns,
+                              load_illume, meta_illume, save_illume, select_grid, tokenize_conversation)
+from illume_ref.toyworld import build_dataset
+from illume_ref.vocab import IGNORE_INDEX, VisualVocab, extend_tokenizer, load_text_tokenizer, train_toy_text_tokenizer
+
+hf_logging.set_verbosity_error()
+hf_logging.disable_progress_bar()
+
+TINY = ["llm.hidden_size=64", "llm.intermediate_size=128", "llm.num_layers=2", "llm.adapter_hidden=64",
+        "encoder.hidden_size=32", "encoder.num_layers=1", "quantizer.num_codes=64"]
+
+
+class CodesFromPixels:
+    "A deterministic stand-in vision tokenizer: (B, 3, H, W) -> (B, 64) codes in [0, 64)."
+    def encode(self, images):
+        x = F.adaptive_avg_pool2d(images_to_tensor(images, 64), 8)
+        return (x.flatten(2).transpose(1, 2) @ torch.arange(1., 4.)).mul(20).long() % 64
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("illume")
+    train_toy_text_tokenizer(1024).save_pretrained(root / "text_tok")
+    cfg = get_config("toy", TINY + [f"llm.tokenizer_path={root / 'text_tok'}"])
+    model, tok = build_illume(cfg, seed=0)
+    data = {t: build_dataset(t, "train", n=2, image_size=64) for t in ("caption", "vqa", "mc", "pope", "edit")}
+    return dict(root=root, cfg=cfg, model=model.eval(), tok=tok, vocab=model.visual_vocab, data=data)
+
+
+def mixed_batch(toy, **kw):
+    d = toy["data"]
+    pairs = [("caption", d["caption"][0]), ("generate", d["caption"][1]), ("reconstruct", d["caption"][0]),
+             ("edit", d["edit"][0]), ("vqa", d["vqa"][0]), ("mc", d["mc"][0]), ("pope", d["pope"][1])]
+    return toy["model"].collator(toy["tok"], vision_tokenizer=CodesFromPixels(), **kw)(
+        [e for _, e in pairs], tasks=[t for t, _ in pairs])
+
+
+def forward_args(batch):
+    return {k: v for k, v in batch.items() if k != "image_grids"}
+
+
+def test_build_shapes(toy):
+    m, v, tok = toy["model"], toy["vocab"], toy["tok"]
+    assert len(tok) == v.vocab_size == m.get_input_embeddings().weight.shape[0] == m.get_output_embeddings().weight.shape[0]
+    assert v.num_codes == 64 and m.image_tokens == 64
+    assert m.adapter[0].in_features == m.vision_encoder.output_dim and m.adapter[2].out_features == 64
+    groups = m.param_groups()
+    assert set(groups) == {"adapter", "visual_embed", "llm", "vision_encoder"}
+    assert len(groups["visual_embed"]) == 2
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_save_load_round_trip(toy, tmp_path, tied):
+    cfg = toy["cfg"].override({"llm.tie_word_embeddings": tied})
+    model, tok = build_illume(cfg, seed=1)
+    model.eval()
+    batch = forward_args(mixed_batch({**toy, "model": model, "tok": tok}))
+    with torch.no_grad(): ref = model(**batch).logits
+    save_illume(tmp_path / "ckpt", model, tok)
+    model2, tok2 = load_illume(tmp_path / "ckpt")
+    assert (model2.get_input_embeddings().weight is model2.get_output_embeddings().weight) == tied
+    with torch.no_grad(): got = model2.eval()(**batch).logits
+    assert torch.equal(ref, got)
+    assert tok2.convert_ids_to_tokens(model2.visual_vocab.image_start_id) == "<img_start>"
+    with pytest.raises(ValueError, match="expected"):
+        load_illume(tmp_path / "ckpt", expected_vocab=VisualVocab(model.visual_vocab.text_vocab_size, 128))
+    other = load_text_tokenizer(cfg.llm); extend_tokenizer(other, 32)
+    with pytest.raises(ValueError, match="does not fit the tokenizer"):
+        load_illume(tmp_path / "ckpt", tokenizer=other)
+    with pytest.raises(FileNotFoundError, match="no ILLUME checkpoint"):
+        load_illume(tmp_path / "missing")
+
+
+def test_forward_loss_is_eq1_and_split_by_task(toy):
+    m, v = toy["model"], toy["vocab"]
+    batch = mixed_batch(toy)
+    assert batch["images"].shape == (6, 3, 64, 64)
+    labels = batch["labels"]
+    assert not (labels == v.image_placeholder_id).any()
+    assert int((labels == v.image_start_id).sum()) == 3            # generate, reconstruct, edit
+    m.train()
+    out = m(**forward_args(batch))
+    manual = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+    assert torch.allclose(out.loss, manual, atol=1e-5)
+    for i, t in enumerate(batch["tasks"]):
+        one = F.cross_entropy(out.logits[i, :-1], labels[i, 1:], ignore_index=IGNORE_INDEX)
+        assert torch.allclose(out.loss_per_task[t], one, atol=1e-5), t
+        assert out.num_targets[t] == int((labels[i, 1:] != IGNORE_INDEX).sum())
+    vis = labels[:, 1:] >= v.text_vocab_size
+    tgt = labels[:, 1:] != IGNORE_INDEX
+    nll = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX,
+                          reduction="none").view_as(vis)
+    assert torch.allclose(out.loss_visual, nll[vis & tgt].mean(), atol=1e-5)
+    assert torch.allclose(out.loss_text, nll[~vis & tgt].mean(), atol=1e-5)
+    out.loss.backward()
+    assert m.adapter[0].weight.grad.abs().sum() > 0
+    m.zero_grad(); m.eval()
+
+
+def test_images_are_spliced_at_placeholders(toy):
+    m, v = toy["model"], toy["vocab"]
+    batch = mixed_batch(toy)
+    with torch.no_grad():
+        emb = m.embed_inputs(batch["input_ids"], batch["images"])
+        feats = m.encode_images(batch["images"]).reshape(-1, emb.shape[-1])
+        plain = m.get_input_embeddings()(batch["input_ids"])
+    ph = batch["input_ids"] == v.image_placeholder_id
+    assert torch.equal(emb[ph], feats)
+    assert torch.equal(emb[~ph], plain[~ph])
+
+
+def test_reconstruct_and_edit_targets(toy):
+    v, d = toy["vocab"], toy["data"]
+    enc = CodesFromPixels()
+    batch = mixed_batch(toy)
+    for row, image in ((2, d["caption"][0]["image"]), (3, d["edit"][0]["target_image"])):
+        lab = batch["labels"][row]
+        img_tokens = lab[(lab >= v.text_vocab_size)]
+        assert torch.equal(v.image_codes(img_tokens), enc.encode(image)[0])
+
+
+def test_multi_turn_masking_exact(toy):
+    tok, v = toy["tok"], toy["vocab"]
+    codes = torch.randint(0, 64, (64,))
+    turns = [{"role": "user", "content": [{"image": torch.rand(3, 64, 64)}, "\nWhat is it?"]},
+             {"role": "assistant", "content": ["a red circle"]},
+             {"role": "user", "content": ["Draw it."]},
+             {"role": "assistant", "content": [{"codes": codes}]},
+             {"role": "user", "content": ["Good?"]},
+             {"role": "assistant", "content": ["yes"]}]
+    enc = tokenize_conversation(turns, tok, v, "vicuna_v1", tokens_per_view=64, image_size=64)
+    ids, labels = enc["input_ids"], enc["labels"]
+    assert len(ids) == len(labels) and enc["views"].shape == (1, 3, 64, 64)
+    text = lambda s: tok(s, add_special_tokens=False).input_ids
+    eos = [tok.eos_token_id]
+    supervised = [i for i, l in zip(ids, labels) if l != IGNORE_INDEX]
+    assert supervised == text(" a red circle") + eos + v.image_token_ids(codes).tolist() + eos + text(" yes") + eos
+    assert all(l in (IGNORE_INDEX, i) for i, l in zip(ids, labels))
+    # the unsupervised rest is exactly the template's prompt text
+    masked = tok.decode([i for i, l in zip(ids, labels) if l == IGNORE_INDEX and i != v.image_placeholder_id])
+    assert masked.startswith("<s>A chat between a curious user") and masked.count("ASSISTANT:") == 3
+    assert masked.endswith("USER: Good? ASSISTANT:")
+    plain = tokenize_conversation(turns[:2], tok, v, "plain", tokens_per_view=64, image_size=64)
+    assert [i for i, l in zip(plain["input_ids"], plain["labels"]) if l != IGNORE_INDEX] == text(" a red circle") + eos
+    assert "USER" not in tok.decode(plain["input_ids"])
+    gen = tokenize_conversation(turns[:1], tok, v, tokens_per_view=64, image_size=64, add_generation_prompt=True)
+    assert tok.decode(gen["input_ids"]).endswith("What is it? ASSISTANT:") and set(gen["labels"]) == {IGNORE_INDEX}
+    with pytest.raises(ValueError, match="alternate"):
+        tokenize_conversation(turns[1:], tok, v)
+    with pytest.raises(ValueError, match="unknown conversation template"):
+        tokenize_conversation(turns, tok, v, "chatml")
+
+
+@pytest.mark.parametrize("size,grid", [((448, 448), (1, 1)), ((448, 1344), (3, 1)), ((1120, 448), (1, 3)),
+                                       ((500, 200), (1, 2)), ((5, 3), (1, 1)), ((3000, 3000), (3, 3)),
+                                       ((4000, 300), (1, 9)), ((1000, 1000), (3, 3))])
+def test_select_grid(size, grid):
+    assert select_grid(*size, base=448, max_slices=9) == grid
+
+
+@pytest.mark.parametrize("w,h", [(64, 192), (160, 64), (7, 3), (1, 1), (300, 20), (64, 64), (130, 129)])
+def test_anyres_views(w, h):
+    img = torch.rand(3, h, w)
+    views, (r, c) = anyres_views(img, base=64, max_slices=9)
+    assert r * c <= 9 and views.shape == (1 + r * c, 3, 64, 64)
+    assert torch.isfinite(views).all() and views.min() >= 0 and views.max() <= 1
+    pil = anyres_views(images_to_tensor(img), base=64)[1]
+    assert pil == (r, c)
+
+
+def test_anyres_slices_tile_the_canvas():
+    img = torch.rand(3, 128, 192)
+    views, grid = anyres_views(img, base=64)
+    assert grid == (2, 3)
+    for k in range(6):
+        i, j = divmod(k, 3)
+        assert torch.allclose(views[1 + k], img[:, 64 * i:64 * (i + 1), 64 * j:64 * (j + 1)], atol=1e-5)
+
+
+def test_anyres_collate_and_forward(toy):
+    m, v = toy["model"], toy["vocab"]
+    exs = [{"image": torch.rand(3, 192, 64), "question": "How many?", "answer": "two"},
+           {"image": torch.rand(3, 64, 160), "question": "What shape?", "answer": "square"},
+           {"image": torch.rand(3, 4, 4), "question": "Tiny?", "answer": "yes"}]
+    batch = m.collator(toy["tok"])(exs, tasks="vqa", anyres={"max_slices": 9, "base": 64})
+    assert batch["image_grids"] == [[(3, 1)], [(1, 3)], [(1, 1)]]
+    assert batch["images"].shape[0] == 4 + 4 + 2
+    assert int((batch["input_ids"] == v.image_placeholder_id).sum()) == 10 * 64
+    assert int((batch["input_ids"] == v.row_separator_id).sum()) == 3 + 1 + 1
+    assert not (batch["labels"] == v.row_separator_id).any()
+    with torch.no_grad(): out = m(**forward_args(batch))
+    assert torch.isfinite(out.loss)
+
+
+def test_cached_decoding_matches_full_forward(toy):
+    m, v = toy["model"], toy["vocab"]
+    batch = mixed_batch(toy)
+    n = int(batch["attention_mask"][3].sum())
+    seq, img = batch["input_ids"][3:4, :n], batch["images"][3:4]
+    cut = int((seq[0] == v.image_start_id).nonzero()[0]) + 1
+    with torch.no_grad():
+        full = m(seq, images=img).logits
+        out = m(inputs_embeds=m.embed_inputs(seq[:, :cut], img), use_cache=True)
+        steps = [out.logits[:, -1]]
+        for t in range(cut, cut + 6):
+            out = m(seq[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+            steps.append(out.logits[:, -1])
+    assert torch.allclose(torch.stack(steps, 1), full[:, cut - 1:cut + 6], atol=1e-4)
+    assert m.visual_logits(full).shape[-1] == 64
+
+
+def test_left_padding_for_generation(toy):
+    batch = mixed_batch(toy, padding_side="left", add_generation_prompt=False)
+    am = batch["attention_mask"]
+    assert (am[:, -1] == 1).all() and (am.sum(1) < am.shape[1]).any()
+
+
+def test_bad_inputs(toy):
+    m, v, tok = toy["model"], toy["vocab"], toy["tok"]
+    batch = mixed_batch(toy)
+    with pytest.raises(ValueError, match=r"384 <image> placeholder positions .* but 0 image view\(s\)"):
+        m(batch["input_ids"])
+    with pytest.raises(ValueError, match=r"but 7 image view\(s\) were given \(448 positions expected\)"):
+        m(batch["input_ids"], images=torch.cat([batch["images"], batch["images"][:1]]))
+    with pytest.raises(ValueError, match=rf"token id {v.vocab_size} is out of range: expected ids in \[0, {v.vocab_size}\)"):
+        m(torch.tensor([[1, v.vocab_size]]))
+    with pytest.raises(ValueError, match="513 tokens is longer than the context of 512"):
+        m(torch.ones(1, 513, dtype=torch.long))
+    with pytest.raises(ValueError, match="longer than the context of 30 positions"):
+        m.collator(tok, max_length=30)([toy["data"]["vqa"][0]], tasks="vqa")
+    with pytest.raises(ValueError, match="pass vision_tokenizer"):
+        collate([toy["data"]["caption"][0]], tok, v, tasks="generate")
+    with pytest.raises(ValueError, match=r"needs \['image', 'answer'\]"):
+        collate([{"question": "q"}], tok, v, tasks="vqa")
+    with pytest.raises(ValueError, match="unknown task"):
+        example_to_turns({}, "dance")
+    with pytest.raises(ValueError, match="no 'task' key"):
+        collate([toy["data"]["vqa"][0]], tok, v)
+    with pytest.raises(ValueError, match="got 2 task names for a batch of 7"):
+        m(**{**forward_args(batch), "tasks": ["a", "b"]})
+
+
+def test_hf_llm_and_tower_from_paths(tmp_path, toy):
+    "kind='hf' LLM and encoder: loaded from local folders, then the checkpoint reloads without those folders."
+    tok = load_text_tokenizer(toy["cfg"].llm)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / "llm")
+    CLIPVisionModel(CLIPVisionConfig(image_size=64, patch_size=8, hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=2, num_attention_heads=4)).save_pretrained(tmp_path / "tower")
+    cfg = get_config("toy", TINY + [f"llm.tokenizer_path={toy['root'] / 'text_tok'}", "llm.kind=hf",
+                                    f"llm.name_or_path={tmp_path / 'llm'}", "encoder.kind=hf",
+                                    f"encoder.name_or_path={tmp_path / 'tower'}", "encoder.num_layers=2",
+                                    "encoder.select_layer=-2"])
+    model, tok = build_illume(cfg)
+    assert model.language_model.config.hidden_size == 48 and model.vision_encoder.output_dim == 32
+    batch = forward_args(mixed_batch({**toy, "model": model.eval(), "tok": tok}))
+    with torch.no_grad(): ref = model(**batch).logits
+    save_illume(tmp_path / "ckpt", model, tok)
+    shutil.rmtree(tmp_path / "llm"); shutil.rmtree(tmp_path / "tower")
+    model2, _ = load_illume(tmp_path / "ckpt")
+    with torch.no_grad(): assert torch.equal(model2.eval()(**batch).logits, ref)
+    bad = cfg.override({"llm.name_or_path": str(tmp_path / "llm_small")})
+    small_tok = len(tok) - 100
+    LlamaForCausalLM(LlamaConfig(vocab_size=small_tok, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / "llm_small")
+    with pytest.raises(ValueError, match="do not belong together"):
+        build_illume(bad)
+
+
+def test_full_preset_on_meta():
+    full = meta_illume(get_config("full"))
+    v = full.visual_vocab
+    assert (v.text_vocab_size, v.num_codes, v.vocab_size) == (32000, 16384, 48388)
+    assert full.get_input_embeddings().weight.shape == full.get_output_embeddings().weight.shape == (48388, 4096)
+    count = lambda mod: sum(p.numel() for p in mod.parameters())
+    assert count(full.language_model) == 6_738_415_616 + 2 * 16388 * 4096
+    assert 6.8e9 < count(full.language_model) < 6.9e9
+    assert full.adapter[0].weight.shape == (4096, 1024) and full.adapter[2].weight.shape == (4096, 4096)
+    assert len(full.language_model.model.layers) == 32
+    assert full.image_tokens == 256 and v.image_length(256) == 274
+    assert full.get_input_embeddings().weight.device.type == "meta"
+    small = meta_illume(get_config("small"))
+    assert small.visual_vocab.vocab_size == 151936 + 4096 + 4
