@@ -124,9 +124,10 @@ class SemanticEncoder(nn.Module):
         if x.shape[-2:] != (self.image_size, self.image_size):
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode='bilinear', align_corners=False,
                               antialias=True).clamp(0, 1)
-        mean = torch.tensor(self.image_mean, dtype=x.dtype).view(1, 3, 1, 1)
-        std = torch.tensor(self.image_std, dtype=x.dtype).view(1, 3, 1, 1)
-        return ((x - mean) / std).to(self.device, self.dtype)
+        x = x.to(self.device, torch.float32)  # normalise in fp32 on the model's device, then cast
+        mean = torch.tensor(self.image_mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.image_std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        return ((x - mean) / std).to(self.dtype)
 
     @torch.no_grad()
     def encode(self, images, batch_size: int = 256) -> torch.Tensor:

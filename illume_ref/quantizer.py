@@ -221,7 +221,7 @@ class VectorQuantizer(nn.Module):
         "Code vectors for `indices` (...) -> (..., dim), through `out_proj` when `code_dim` is set."
         if not isinstance(indices, torch.Tensor) or indices.is_floating_point() or indices.is_complex():
             raise TypeError(f"lookup expects an integer tensor of code indices, got {getattr(indices, 'dtype', type(indices))}")
-        if indices.numel():
+        if indices.numel() and indices.device.type != "meta":  # meta tensors have shapes, not values
             lo, hi = int(indices.min()), int(indices.max())
             if lo < 0 or hi >= self.num_codes:
                 raise ValueError(f"code indices must lie in [0, {self.num_codes}); got min {lo}, max {hi}")

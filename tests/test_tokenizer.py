@@ -1,0 +1,246 @@
+"""The vision tokenizers (nbs/04_tokenizer.ipynb): the semantic tokenizer's contract (encode -> (B, N),
+decode_features -> (B, N, C)), the pixel baseline, save/load and mismatch errors, exact resume of
+`train_tokenizer`, the full preset on the meta device, and clear errors on bad input."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+from illume_ref.config import EncoderConfig, QuantizerConfig, TokenizerConfig, get_config
+from illume_ref.encoders import ToyViT, VisionTower
+from illume_ref.tokenizer import (FeatureDecoder, ReconstructionTokenizer, SemanticVisionTokenizer, code_probe,
+                                  evaluate_tokenizer, held_out_images, load_tokenizer, toy_images, train_tokenizer)
+from illume_ref.toyworld import render, sample_scene
+
+transformers.logging.set_verbosity_error()
+
+ENC = EncoderConfig(hidden_size=32, num_layers=1, num_heads=2)          # 64 px, patch 8: 8x8 tokens of 32 dims
+TINY = ['tokenizer.train.batch_size=8', 'tokenizer.train.save_every=2', 'tokenizer.train.log_every=1',
+        'quantizer.num_codes=32', 'tokenizer.decoder_layers=1', 'tokenizer.decoder_hidden=32', 'tokenizer.decoder_heads=2']
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    torch.manual_seed(0)
+    return ToyViT(ENC).eval()
+
+
+@pytest.fixture(scope="module")
+def images():
+    return toy_images(0, 4)
+
+
+def semantic(encoder, num_codes=64, kmeans=False):
+    torch.manual_seed(1)
+    return SemanticVisionTokenizer(encoder, QuantizerConfig(num_codes=num_codes, kmeans_init=kmeans),
+                                   TokenizerConfig(tokens_per_image=64, decoder_layers=1, decoder_hidden=32, decoder_heads=2)).eval()
+
+
+def pixel(num_codes=64):
+    torch.manual_seed(2)
+    return ReconstructionTokenizer(64, QuantizerConfig(num_codes=num_codes, kmeans_init=False), TokenizerConfig(tokens_per_image=64),
+                                   channels=(8, 16, 32), latent_dim=32).eval()
+
+
+def test_semantic_contract(encoder, images):
+    tok = semantic(encoder)
+    idx = tok.encode(images)
+    assert idx.shape == (4, 64) and idx.dtype == torch.long and 0 <= idx.min() and idx.max() < 64
+    pil = [render(sample_scene(i)) for i in range(2)]
+    as_tensor = torch.stack([torch.from_numpy(np.array(p)).permute(2, 0, 1) / 255 for p in pil])
+    assert torch.equal(tok.encode(pil), tok.encode(as_tensor))
+    with torch.no_grad():
+        out = tok(images)
+        feats = tok.decode_features(idx)
+        assert feats.shape == (4, 64, encoder.output_dim) == (4, tok.tokens_per_image, tok.feature_dim)
+        assert torch.equal(out['indices'], idx) and torch.equal(out['recon'], feats)
+        torch.testing.assert_close(out['features'], encoder(encoder.preprocess(images)))
+        assert torch.equal(tok.encode_features(out['features']), idx)
+    assert (tok.num_codes, tok.tokens_per_image, tok.grid) == (64, 64, 8)
+    assert set(out['metrics']) == {'cosine', 'mse', 'vq_loss', 'perplexity', 'usage'}
+
+
+def test_semantic_loss_is_the_documented_sum(encoder, images):
+    tok = semantic(encoder).train()
+    out = tok(images)
+    t, m = tok.tokenizer_config, out['metrics']
+    cos = torch.nn.functional.cosine_similarity(out['recon'], out['features'], dim=-1).mean()
+    torch.testing.assert_close(out['loss'], t.cosine_weight * (1 - cos) + t.mse_weight * m['mse'] + m['vq_loss'])
+    out['loss'].backward()
+    assert all(p.grad is None for p in tok.encoder.parameters())                 # frozen
+    assert tok.decoder.proj_in.weight.grad is not None and tok.quantizer.in_proj.weight.grad is not None
+    assert not tok.encoder.training
+
+
+def test_reconstruction_contract(images):
+    tok = pixel()
+    idx = tok.encode(images)
+    assert idx.shape == (4, 64)
+    with torch.no_grad():
+        x = tok.decode(idx)
+        assert x.shape == (4, 3, 64, 64) and 0 <= x.min() and x.max() <= 1
+        assert tok.decode_features(idx).shape == (4, 64, 32)
+        out = tok(images)
+    assert torch.equal(out['indices'], idx) and torch.allclose(out['recon'], x)
+    # other grids: 32 px -> 4x4 tokens; 224 px -> 16x16 (factor 14 = patchify 7 + one stride-2 stage)
+    small = ReconstructionTokenizer(32, QuantizerConfig(num_codes=8, kmeans_init=False), TokenizerConfig(tokens_per_image=16), channels=(8,))
+    assert small.encode(torch.rand(2, 3, 32, 32)).shape == (2, 16)
+    with pytest.raises(ValueError, match="cannot be cut into a 7x7 token grid"):
+        ReconstructionTokenizer(64, tokenizer_config=TokenizerConfig(tokens_per_image=49))
+
+
+def test_feature_decoder_uses_positions():
+    torch.manual_seed(0)
+    dec = FeatureDecoder(8, 16, num_tokens=4, hidden=16, num_layers=1, num_heads=2)
+    x = torch.randn(1, 1, 8).expand(1, 4, 8)                                   # the same code at 4 positions
+    y = dec(x)
+    assert y.shape == (1, 4, 16) and not torch.allclose(y[0, 0], y[0, 1])
+
+
+@pytest.mark.parametrize("kind", ["semantic", "reconstruction"])
+def test_save_load_roundtrip_and_mismatches(kind, encoder, images, tmp_path):
+    tok = semantic(encoder) if kind == "semantic" else pixel()
+    tok.save_pretrained(tmp_path / "t")
+    back = load_tokenizer(tmp_path / "t")
+    assert type(back) is type(tok)
+    assert torch.equal(back.encode(images), tok.encode(images))
+    idx = tok.encode(images)
+    with torch.no_grad():
+        assert torch.equal(back.decode_features(idx), tok.decode_features(idx))
+    with pytest.raises(ValueError, match=r"has num_codes=64, but the config asks for quantizer.num_codes=512"):
+        load_tokenizer(tmp_path / "t", config=get_config("toy"))
+    cfg = json.loads((tmp_path / "t" / "config.json").read_text())
+    cfg["quantizer"]["num_codes"] = 128
+    (tmp_path / "t" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"'quantizer.codebook' has shape \(64, 8\) in the weights but \(128, 8\).*64 codes"):
+        load_tokenizer(tmp_path / "t")
+
+
+def test_load_errors(encoder, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no tokenizer at"):
+        load_tokenizer(tmp_path / "nothing")
+    encoder.save_pretrained(tmp_path / "enc")
+    with pytest.raises(ValueError, match="holds a ToyViT model, not a tokenizer"):
+        load_tokenizer(tmp_path / "enc")
+    pixel().save_pretrained(tmp_path / "rec")
+    with pytest.raises(ValueError, match="holds a ReconstructionTokenizer checkpoint, not a SemanticVisionTokenizer"):
+        SemanticVisionTokenizer.from_pretrained(tmp_path / "rec")
+    semantic(encoder).save_pretrained(tmp_path / "sem")
+    other = ToyViT(EncoderConfig(hidden_size=16, num_layers=1, num_heads=2))
+    with pytest.raises(ValueError, match=r"encoder gives \(64 tokens, 16 dims\).*\(64, 32\)"):
+        SemanticVisionTokenizer.from_pretrained(tmp_path / "sem", encoder=other)
+
+
+@pytest.mark.parametrize("kind", ["semantic", "reconstruction"])
+def test_train_resume_is_bit_identical(kind, encoder, tmp_path):
+    cfg = get_config("toy").override(TINY)
+    a, ha = train_tokenizer(cfg, tmp_path / "a", kind, steps=4, progress=False, encoder=encoder, eval_images=8)
+    _, hb = train_tokenizer(cfg, tmp_path / "b", kind, steps=4, progress=False, encoder=encoder, eval_images=8, stop_at=3)
+    assert hb["eval"] is None and hb["steps"] == 3 and not (tmp_path / "b" / "model.safetensors").exists()
+    b, hb = train_tokenizer(cfg, tmp_path / "b", kind, steps=4, progress=False, encoder=encoder, eval_images=8, resume=True)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert ha["eval"] == hb["eval"] and [r["loss"] for r in ha["train"]] == [r["loss"] for r in hb["train"]]
+    assert len(ha["train"]) == 4 and {"usage", "perplexity", "codes_used"} <= set(ha["eval"])
+    assert (tmp_path / "a" / "history.json").exists() and (tmp_path / "a" / "checkpoints").is_dir()
+    loaded = load_tokenizer(tmp_path / "a", config=cfg)
+    assert all(torch.equal(v, sa[k]) for k, v in loaded.state_dict().items())
+    with pytest.raises(FileExistsError, match="already holds checkpoints"):
+        train_tokenizer(cfg, tmp_path / "a", kind, steps=4, progress=False, encoder=encoder)
+    # a different seed gives different weights (the test above could not pass by accident)
+    c, _ = train_tokenizer(cfg.override(["tokenizer.train.seed=1"]), tmp_path / "c", kind, steps=4, progress=False,
+                           encoder=encoder, eval_images=8)
+    assert not torch.equal(c.state_dict()["quantizer.codebook"], sa["quantizer.codebook"])
+
+
+def test_training_learns_and_keeps_encoder_frozen(encoder, tmp_path):
+    cfg = get_config("toy").override(TINY + ["tokenizer.train.lr=3e-3", "tokenizer.train.log_every=5", "tokenizer.train.save_every=100"])
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    untrained = semantic(encoder, num_codes=32, kmeans=True)
+    untrained.train()(toy_images(5, 32)); untrained.eval()                    # k-means init only
+    start = evaluate_tokenizer(untrained, held_out_images(32))["cosine"]
+    tok, h = train_tokenizer(cfg, tmp_path / "t", "semantic", steps=30, progress=False, encoder=encoder, eval_images=32)
+    assert h["eval"]["cosine"] > start + 0.1, (start, h["eval"])
+    assert h["train"][-1]["loss"] < h["train"][0]["loss"]
+    assert all(torch.equal(before[k], v) for k, v in tok.encoder.state_dict().items())
+
+
+def test_code_probe_reads_the_codes(encoder):
+    tok = pixel(num_codes=16)
+    res = code_probe(tok, num_train=30, num_test=20, steps=5)
+    assert set(res) == {"patch_shape", "patch_color", "object_shape", "object_color", "object_cell", "count"}
+    assert all(0 <= v <= 1 for v in res.values())
+
+
+def test_full_preset_on_meta():
+    full = get_config("full")
+    with torch.device("meta"):
+        tower = CLIPVisionModel(CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                                 num_attention_heads=16, image_size=224, patch_size=14))
+        tok = SemanticVisionTokenizer.from_config(full, VisionTower(tower, select_layer=-1, image_size=224))
+        rec = ReconstructionTokenizer.from_config(full, channels=(128, 256))
+    assert (tok.num_codes, tok.tokens_per_image, tok.grid, tok.feature_dim) == (16384, 256, 16, 1024)
+    assert tok.quantizer.codebook.shape == (16384, 8) and tok.quantizer.codebook.device.type == "meta"
+    idx = torch.zeros(2, 256, dtype=torch.long, device="meta")
+    assert tok.decode_features(idx).shape == (2, 256, 1024)
+    assert rec.encode is not None and rec.decode(idx).shape == (2, 3, 224, 224)
+    assert rec.decode_features(idx).shape == (2, 256, 1024)
+    n = lambda m: sum(p.numel() for p in m.parameters())
+    assert n(tok.quantizer) == 16384 * 8 + (1024 * 8 + 8) + (8 * 1024 + 1024)
+    block = 2 * 2 * 1024 + (1024 * 3072 + 3072) + (1024 * 1024 + 1024) + (1024 * 4096 + 4096) + (4096 * 1024 + 1024)
+    assert n(tok.decoder) == (1024 * 1024 + 1024) + 256 * 1024 + 6 * block + 2 * 1024 + (1024 * 1024 + 1024)
+    assert 300e6 < n(tok.encoder) < 310e6                                          # CLIP-L/14 vision tower
+    assert sum(p.requires_grad for p in tok.encoder.parameters()) == 0
+
+
+def test_bad_input(encoder, images):
+    tok, rec = semantic(encoder), pixel()
+    with pytest.raises(ValueError, match=r"code indices must lie in \[0, 64\) \(num_codes=64\); got min 0, max 64"):
+        tok.decode_features(torch.cat([torch.zeros(1, 63, dtype=torch.long), torch.tensor([[64]])], 1))
+    with pytest.raises(ValueError, match="got min -3"):
+        rec.decode(torch.full((1, 64), -3))
+    with pytest.raises(ValueError, match=r"expected code indices of shape \(B, 64\).*got shape \(2, 10\)"):
+        tok.decode_features(torch.zeros(2, 10, dtype=torch.long))
+    with pytest.raises(TypeError, match="expected integer code indices"):
+        rec.decode_features(torch.zeros(1, 64))
+    with pytest.raises(ValueError, match=r"expects 64x64 px images.*got 32x32 px"):
+        tok.encode(torch.rand(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="got 48x48 px"):
+        rec.encode([render(sample_scene(0), size=48)])
+    with pytest.raises(ValueError, match="expected 3 colour channels.*got 1"):
+        tok.encode(torch.rand(1, 1, 64, 64))
+    with pytest.raises(ValueError, match="NaN"):
+        tok(torch.full((1, 3, 64, 64), float("nan")))
+    with pytest.raises(ValueError, match=r"features contain 2048 NaN and 0 inf values"):
+        tok.encode_features(torch.full((1, 64, 32), float("nan")))
+    with pytest.raises(ValueError, match=r"expected features of shape \(B, 64, 32\), got \(1, 64, 16\)"):
+        tok.encode_features(torch.zeros(1, 64, 16))
+    with pytest.raises(ValueError, match="asks for 16 tokens per image, but the encoder gives 64"):
+        SemanticVisionTokenizer(encoder, QuantizerConfig(), TokenizerConfig(tokens_per_image=16))
+    with pytest.raises(ValueError, match="unknown tokenizer kind 'vqgan'"):
+        train_tokenizer(get_config("toy"), "/nonexistent", kind="vqgan")
+
+
+def test_hf_tower_is_referenced_by_path(tmp_path, images):
+    torch.manual_seed(0)
+    clip = lambda: CLIPVisionConfig(image_size=64, patch_size=8, hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=2, num_attention_heads=4)
+    CLIPVisionModel(clip()).save_pretrained(tmp_path / "clip")
+    enc = VisionTower.from_pretrained(tmp_path / "clip", select_layer=-2)
+    tok = SemanticVisionTokenizer(enc, QuantizerConfig(num_codes=16, kmeans_init=False), TokenizerConfig(tokens_per_image=64)).eval()
+    tok.save_pretrained(tmp_path / "tok")
+    saved = json.loads((tmp_path / "tok" / "config.json").read_text())
+    assert saved["encoder"]["kind"] == "hf" and saved["encoder"]["select_layer"] == -2
+    assert not (tmp_path / "tok" / "encoder").exists()                      # not copied: referenced
+    back = load_tokenizer(tmp_path / "tok")
+    assert back.encoder.select_layer == -2 and torch.equal(back.encode(images), tok.encode(images))
+    # a tower built in memory has no path: loading then needs the encoder passed in
+    mem = SemanticVisionTokenizer(VisionTower(CLIPVisionModel(clip())), QuantizerConfig(num_codes=16, kmeans_init=False),
+                                  TokenizerConfig(tokens_per_image=64))
+    mem.save_pretrained(tmp_path / "mem")
+    with pytest.raises(ValueError, match="pass encoder="):
+        load_tokenizer(tmp_path / "mem")
+    assert load_tokenizer(tmp_path / "mem", encoder=mem.encoder).num_codes == 16
