@@ -1,0 +1,248 @@
+"""Inference (nbs/08_inference.ipynb): KV cache == recompute, cfg_scale=1 == no guidance, exact image-span layout,
+batch == one-by-one, seeds, text-only answers, clear errors, the IllumeSystem bundle (save/load, missing parts,
+mismatched vocabularies, evaluate end to end), transformers parity, and the full preset's context budget."""
+import shutil
+
+import pytest
+import torch
+from transformers.utils import logging as hf_logging
+
+import illume_ref.generate as G
+from illume_ref.config import get_config
+from illume_ref.evaluate import ModelLike, evaluate, toy_suite
+from illume_ref.generate import (IllumeSystem, ImageSpanLogitsProcessor, bench_generate, chat, chat_batch,
+                                 edit_image_codes, filter_logits, format_bench_generate, generate_image_codes,
+                                 generate_images, image_span_fits, sample_tokens)
+from illume_ref.model import build_illume
+from illume_ref.toyworld import build_dataset
+from illume_ref.vocab import VisualVocab
+
+hf_logging.set_verbosity_error()
+torch.set_num_threads(1)
+
+TINY = ["llm.hidden_size=64", "llm.intermediate_size=128", "llm.num_layers=2", "llm.adapter_hidden=64",
+        "encoder.hidden_size=32", "encoder.num_layers=1", "quantizer.num_codes=64", "tokenizer.decoder_hidden=32",
+        "tokenizer.decoder_layers=1"]
+PROMPTS = ["a red circle", "two blue squares and a green triangle"]
+
+
+@pytest.fixture(scope="module")
+def toy():
+    cfg = get_config("toy", TINY)
+    model, tok = build_illume(cfg, seed=0)
+    return dict(cfg=cfg, model=model.eval().double(), tok=tok, vocab=model.visual_vocab,
+                images=[e["image"] for e in build_dataset("vqa", "train", n=2, image_size=64)])
+
+
+def test_sampling_helpers():
+    x = torch.tensor([[0., 1., 3., 2.], [5., 0., 0., 0.]])
+    assert sample_tokens(x).tolist() == [2, 0]
+    assert torch.isinf(filter_logits(x, top_k=2)[0]).tolist() == [True, True, False, False]
+    assert torch.isinf(filter_logits(x, top_p=0.5)[1]).tolist() == [False, True, True, True]
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (0, 1)]
+    assert torch.equal(sample_tokens(x, 1.0, generators=gens()), sample_tokens(x, 1.0, generators=gens()))
+    with pytest.raises(ValueError, match="temperature"): sample_tokens(x, -1.0)
+
+
+@pytest.mark.parametrize("cfg_scale", [None, 3.0])
+def test_kv_cache_equals_recompute(toy, cfg_scale):
+    m, tok = toy["model"], toy["tok"]
+    kw = dict(cfg_scale=cfg_scale, temperature=0.0, seed=None)
+    assert torch.equal(generate_image_codes(m, tok, PROMPTS, use_cache=True, **kw),
+                       generate_image_codes(m, tok, PROMPTS, use_cache=False, **kw))
+    items = [([toy["images"][0]], "What is in the image?"), (None, "Say something.")]
+    assert chat_batch(m, tok, items, 10, return_ids=True) == chat_batch(m, tok, items, 10, use_cache=False, return_ids=True)
+
+
+def test_cfg_scale_one_is_conditional_only(toy):
+    m, tok = toy["model"], toy["tok"]
+    for kw in (dict(temperature=0.0, seed=None), dict(temperature=1.0, top_k=16, seed=7)):
+        assert torch.equal(generate_image_codes(m, tok, PROMPTS, cfg_scale=1.0, **kw),
+                           generate_image_codes(m, tok, PROMPTS, cfg_scale=None, **kw))
+    # and guidance actually changes something at s != 1
+    assert not torch.equal(generate_image_codes(m, tok, PROMPTS, cfg_scale=8.0, temperature=0.0, seed=None),
+                           generate_image_codes(m, tok, PROMPTS, cfg_scale=None, temperature=0.0, seed=None))
+
+
+def test_image_span_layout(toy, monkeypatch):
+    "Record every id fed back during generation: the span is <img_start>, G x (G codes, <img_row>), <img_end>."
+    m, tok, v = toy["model"], toy["tok"], toy["vocab"]
+    fed, real = [], G.decode_loop
+    def spy(lm, embeds, mask, steps, step, use_cache=True):
+        def wrapped(t, logits):
+            ids = step(t, logits)
+            if ids is not None: fed.append(ids.clone())
+            return ids
+        return real(lm, embeds, mask, steps, wrapped, use_cache)
+    monkeypatch.setattr(G, "decode_loop", spy)
+    codes = generate_image_codes(m, tok, PROMPTS, cfg_scale=2.0, temperature=1.0, seed=0)
+    ids = torch.cat(fed, 1)                                      # (2B, everything fed after <img_start>)
+    B = len(PROMPTS)
+    assert torch.equal(ids[:B], ids[B:])                         # both CFG rows of an image get the same tokens
+    # the last code (and its row's <img_row>) is never fed back: the loop stops once the N-th code is picked
+    span = torch.cat([torch.full((B, 1), v.image_start_id), ids[:B], (codes[:, -1:] + v.first_code_id),
+                      torch.full((B, 1), v.row_separator_id), torch.full((B, 1), v.image_end_id)], 1)
+    assert span.shape[1] == v.image_length(64)
+    assert torch.equal(span, v.image_token_ids(codes)) and torch.equal(v.image_codes(span), codes)
+    inside = span[:, 1:-1]
+    assert (v.is_visual(inside) | (inside == v.row_separator_id)).all()
+    assert int(v.is_visual(inside).sum()) == B * 64
+
+
+def test_visual_logits_only_in_span_text_only_in_answers(toy):
+    "Even a model that prefers text (in spans) or visual tokens (in answers) cannot write the wrong modality."
+    m, tok, v = toy["model"], toy["tok"], toy["vocab"]
+    head = m.get_output_embeddings()
+    old = head.weight.data.clone()
+    try:
+        head.weight.data[:v.text_vocab_size] *= 50                  # text tokens dominate
+        codes = generate_image_codes(m, tok, PROMPTS, cfg_scale=3.0, temperature=1.0, seed=0)
+        assert codes.min() >= 0 and codes.max() < v.num_codes
+        head.weight.data.copy_(old); head.weight.data[v.text_vocab_size:] *= 50   # visual / special tokens dominate
+        ids = chat_batch(m, tok, [([toy["images"][0]], "What is this?")], 12, return_ids=True)[0]
+        assert ids and max(ids) < v.text_vocab_size
+    finally:
+        head.weight.data.copy_(old)
+
+
+def test_batch_equals_one_by_one_and_seeds(toy):
+    m, tok = toy["model"], toy["tok"]
+    kw = dict(cfg_scale=3.0, temperature=1.0, top_k=20, top_p=0.9)
+    both = generate_image_codes(m, tok, PROMPTS, num_images=2, seed=5, **kw)
+    one = torch.cat([generate_image_codes(m, tok, [p], num_images=2, seed=5 + 2 * i, **kw) for i, p in enumerate(PROMPTS)])
+    assert both.shape == (4, 64) and torch.equal(both, one)
+    assert torch.equal(both, generate_image_codes(m, tok, PROMPTS, num_images=2, seed=5, **kw))
+    assert not torch.equal(both, generate_image_codes(m, tok, PROMPTS, num_images=2, seed=6, **kw))
+    greedy = generate_image_codes(m, tok, PROMPTS, cfg_scale=3.0, temperature=0.0, seed=None)
+    assert torch.equal(greedy, torch.cat([generate_image_codes(m, tok, [p], cfg_scale=3.0, temperature=0.0, seed=None)
+                                          for p in PROMPTS]))
+    items = [([toy["images"][0]], "What is in the image?"), ([toy["images"][1]], "How many shapes?"), (None, "Hi.")]
+    for t in (0.0, 1.0):
+        batch = chat_batch(m, tok, items, 8, temperature=t, seed=3)
+        assert batch == [chat_batch(m, tok, [it], 8, temperature=t, seed=3 + i)[0] for i, it in enumerate(items)]
+
+
+def test_edit_codes(toy):
+    m, tok, ims = toy["model"], toy["tok"], toy["images"]
+    ins = ["make the red circle blue", "remove the square"]
+    a = edit_image_codes(m, tok, ims, ins, cfg_scale=3.0, seed=0)
+    assert a.shape == (2, 64) and torch.equal(a, edit_image_codes(m, tok, ims, ins, cfg_scale=3.0, seed=0))
+    assert torch.equal(edit_image_codes(m, tok, ims, ins, cfg_scale=1.0, uncond="null", seed=0),
+                       edit_image_codes(m, tok, ims, ins, cfg_scale=None, seed=0))
+    with pytest.raises(ValueError, match="uncond"): edit_image_codes(m, tok, ims, ins, uncond="text")
+    with pytest.raises(ValueError, match="2 images for 1"): edit_image_codes(m, tok, ims, ins[:1])
+
+
+def test_clear_errors(toy):
+    m, tok, v = toy["model"], toy["tok"], toy["vocab"]
+    with pytest.raises(ValueError, match="longer than the context"): generate_image_codes(m, tok, ["word " * 600])
+    with pytest.raises(ValueError, match="longer than the context"): chat(m, tok, None, "word " * 600)
+    with pytest.raises(ValueError, match="<image>"): chat(m, tok, None, "what is in <image>?")
+    ph = torch.full((1, m.image_tokens), v.image_placeholder_id)
+    with pytest.raises(ValueError, match="placeholder"): m.embed_inputs(ph)                 # placeholders, no image
+    with pytest.raises(ValueError, match="placeholder"):                                     # image, no placeholders
+        m.embed_inputs(torch.tensor([[1, 2]]), torch.rand(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="out of range"): m.embed_inputs(torch.tensor([[v.vocab_size]]))
+
+
+@pytest.fixture(scope="module")
+def system(toy, tmp_path_factory):
+    from illume_ref.tokenizer import SemanticVisionTokenizer
+    vt = SemanticVisionTokenizer.from_config(toy["cfg"], encoder=toy["model"].vision_encoder).eval()
+    model = toy["model"]
+    return IllumeSystem(model, toy["tok"], vt, None, max_new_tokens=4, temperature=1.0, top_k=16)
+
+
+def test_system_save_load_and_errors(system, toy, tmp_path):
+    assert isinstance(system, ModelLike)
+    path = system.save_pretrained(tmp_path / "sys")
+    assert {"mllm", "vision_tokenizer", "system.json"} <= {p.name for p in path.iterdir()}
+    loaded = IllumeSystem.from_pretrained(path)
+    assert loaded.generation_config == system.generation_config
+    loaded.model.double()
+    assert torch.equal(loaded.generate_codes(PROMPTS, seed=1), system.generate_codes(PROMPTS, seed=1))
+    ims = loaded.generate(PROMPTS, num_images=2, seed=0)
+    assert [len(g) for g in ims] == [2, 2] and ims[0][0].size == (64, 64)
+    # a missing part is named
+    shutil.rmtree(path / "vision_tokenizer")
+    with pytest.raises(FileNotFoundError, match="vision_tokenizer"): IllumeSystem.from_pretrained(path)
+    with pytest.raises(FileNotFoundError, match="system.json"): IllumeSystem.from_pretrained(tmp_path / "nothing")
+    # a vision tokenizer with another codebook does not fit the MLLM's vocabulary
+    from illume_ref.tokenizer import SemanticVisionTokenizer
+    other = SemanticVisionTokenizer.from_config(toy["cfg"].override({"quantizer.num_codes": 32}),
+                                                encoder=toy["model"].vision_encoder)
+    other.save_pretrained(path / "vision_tokenizer")
+    with pytest.raises(ValueError, match="32 codes"): IllumeSystem.from_pretrained(path)
+
+
+def test_evaluate_end_to_end(system, toy):
+    cfg = toy["cfg"].override({"eval.pope_per_split": 2, "eval.mmbench_questions": 2, "eval.vqa_questions": 2,
+                               "eval.geneval_prompts_per_category": 1, "eval.geneval_images_per_prompt": 1,
+                               "eval.fid_samples": 3, "eval.edit_samples": 2, "eval.batch_size": 8})
+    from illume_ref.encoders import build_encoder
+    metrics = evaluate(system, suite=toy_suite(cfg), cfg=cfg, encoder=build_encoder(cfg.encoder).eval(), plots=False)
+    assert {"pope", "mmbench", "vqa", "geneval", "fid", "edit", "headline"} <= set(metrics)
+    assert metrics["skipped"] == {} or all(k not in metrics["skipped"] for k in ("geneval", "edit"))
+    assert 0 <= metrics["headline"]["GenEval overall"] <= 1
+
+
+def test_pluggable_decode(toy):
+    "Any `codes -> list[PIL]` callable decodes; `pixel_decoder` chains decode_features and a diffusion pipeline."
+    from PIL import Image
+    m, tok = toy["model"], toy["tok"]
+    seen = []
+    def decode(codes):                                        # no seed argument: still accepted
+        seen.append(codes.clone()); return [Image.new("RGB", (8, 8)) for _ in codes]
+    ims = generate_images(m, tok, PROMPTS, decode=decode, num_images=2, seed=0)
+    assert [len(g) for g in ims] == [2, 2] and seen[0].shape == (4, 64)
+    class FakeTokenizer:
+        device = torch.device("cpu")
+        def decode_features(self, codes): return codes.float()[..., None].repeat(1, 1, 3)
+    class FakePipeline:
+        def __call__(self, features, num_inference_steps=50, generator=None):
+            self.steps = num_inference_steps
+            return torch.rand(len(features), 3, 16, 16, generator=generator)
+    pipe = FakePipeline()
+    out = G.pixel_decoder(FakeTokenizer(), pipe, num_inference_steps=2)(seen[0], seed=0)
+    assert len(out) == 4 and out[0].size == (16, 16) and pipe.steps == 2
+    with pytest.raises(ValueError, match="returned 1 images"): G.run_decode(lambda c: [out[0]], seen[0])
+
+
+def test_transformers_generate_parity(toy):
+    "Our cached CFG loop and transformers' generate with its own CFG processor pick the same greedy codes."
+    rows = bench_generate("toy", batch_size=2, prompt_length=12, methods=("ours", "hf_generate"), hbm_bandwidth=2e10)
+    assert [r["method"] for r in rows] == ["ours", "hf_generate"]
+    assert all(0 < r["fraction_of_bound"] and r["bound_tokens_per_s"] > 0 for r in rows)
+    assert all(r["same_codes_as_ours"] for r in rows) and all(r["tokens_per_s"] > 0 for r in rows)
+    assert "| ours |" in format_bench_generate(rows)
+    p = ImageSpanLogitsProcessor(VisualVocab(10, 4), 4)
+    s = p(torch.zeros(1, 2), torch.zeros(1, 10 + 4 + 4))      # t=2: after the first row of 2 codes -> <img_row>
+    assert s.argmax().item() == VisualVocab(10, 4).row_separator_id
+
+
+def test_full_preset_context_budget():
+    cfg = get_config("full")
+    v = VisualVocab(cfg.llm.text_vocab_size, cfg.num_visual_tokens, cfg.llm.row_separator)
+    assert v.image_length(cfg.tokenizer.tokens_per_image) == 256 + 16 + 2
+    assert image_span_fits(cfg, 1024) and not image_span_fits(cfg, cfg.llm.max_position_embeddings - 200)
+
+
+def test_system_with_diffusion_decoder(system, toy, tmp_path):
+    "With nbs/05's decoder present: codes -> features -> a tiny diffusion pipeline -> PIL, saved and reloaded."
+    dec_mod = pytest.importorskip("illume_ref.decoder")
+    vt = system.vision_tokenizer
+    tiny = toy["cfg"].decoder.replace(block_out_channels=[32, 32], cross_attention_dim=32, attention_head_dim=4)
+    dec = dec_mod.DiffusionDecoder.from_config(tiny, feature_dim=vt.feature_dim, tokens_per_image=vt.tokens_per_image)
+    sys_ = IllumeSystem(toy["model"], toy["tok"], vt, dec.eval(), temperature=1.0, top_k=16,
+                        decoder_kwargs={"num_inference_steps": 2})
+    ims = sys_.generate(PROMPTS[:1], num_images=2, seed=0)
+    assert len(ims[0]) == 2 and ims[0][0].size == (64, 64)
+    again = sys_.generate(PROMPTS[:1], num_images=2, seed=0)
+    import numpy as np
+    assert np.array_equal(np.asarray(ims[0][0]), np.asarray(again[0][0]))
+    path = sys_.save_pretrained(tmp_path / "sys")
+    assert (path / "decoder").is_dir()
+    loaded = IllumeSystem.from_pretrained(path)
+    assert type(loaded.decoder).__name__ == "IllumeDecoderPipeline"
+    shutil.rmtree(path / "decoder")
+    with pytest.raises(FileNotFoundError, match="decoder"): IllumeSystem.from_pretrained(path)
