@@ -18,7 +18,8 @@ from .core import available_devices, get_device, new_run_dir, save_json, seed_ev
 
 # %% auto #0
 __all__ = ['TRAIN_TARGETS', 'BENCHMARKS', 'add_config_args', 'config_from_args', 'cmd_info', 'cmd_config', 'cmd_demo',
-           'cmd_train', 'cmd_bench', 'build_parser', 'main']
+           'cmd_train', 'cmd_bench', 'open_image', 'cmd_chat', 'cmd_generate', 'cmd_edit', 'cmd_eval', 'build_parser',
+           'main']
 
 # %% ../nbs/90_cli.ipynb #457ef47c
 def add_config_args(p: argparse.ArgumentParser):
@@ -103,6 +104,10 @@ BENCHMARKS = {
     # name: (module, function, formatter, help)
     "quantizer": ("illume_ref.quantizer", "bench_quantizer", "format_bench",
                   "chunked nearest-code search vs torch.cdist + argmin (time, peak memory)"),
+    "decoder": ("illume_ref.decoder", "bench_decoder", "format_bench_decoder",
+                "diffusion decoder: seconds per image vs inference steps, images/s at batch 1 and 16"),
+    "generate": ("illume_ref.generate", "bench_generate", "format_bench_generate",
+                 "image-token generation: cached batched CFG vs no cache vs transformers' generate"),
 }
 
 
@@ -124,6 +129,93 @@ def cmd_bench(args) -> int:
         save_json({"benchmark": args.name, "args": kwargs, "rows": rows}, out / f"bench_{args.name}.json")
         print(f"wrote {out / f'bench_{args.name}.json'}")
     return 0
+
+# %% ../nbs/90_cli.ipynb #cefff36c
+def open_image(path: str | Path):
+    "An RGB PIL image from `path`, or an error naming the file."
+    from PIL import Image, UnidentifiedImageError
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"no such image file: '{path}'")
+    try:
+        with Image.open(path) as im: return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"cannot read image '{path}': {e}") from None
+
+
+def _system(args):
+    from illume_ref.generate import IllumeSystem
+    return IllumeSystem.from_pretrained(args.model, device=get_device(args.device))
+
+
+def _sampling(args) -> dict:
+    kw = {"cfg_scale": args.cfg_scale, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def cmd_chat(args) -> int:
+    "Answer a prompt about zero or more images."
+    system = _system(args)
+    images = [open_image(p) for p in args.image]
+    kw = {"max_new_tokens": args.max_new_tokens}
+    if args.temperature is not None: kw["temperature"] = args.temperature
+    print(system.chat(images, args.prompt, seed=args.seed, **kw))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    "Draw `--num-images` images for each `--prompt` into a new run folder."
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        lines = [l.strip() for l in Path(args.prompt_file).read_text(encoding="utf-8").splitlines()]
+        prompts += [l for l in lines if l]
+        if not any(lines): raise ValueError(f"prompt file '{args.prompt_file}' is empty")
+    if not prompts: raise ValueError("give at least one --prompt (or a --prompt-file with one prompt per line)")
+    system = _system(args)
+    out = new_run_dir(args.out)
+    images = system.generate(prompts, num_images=args.num_images, seed=args.seed, **_sampling(args))
+    records = []
+    for i, (prompt, row) in enumerate(zip(prompts, images)):
+        for j, im in enumerate(row):
+            name = f"{i:04d}_{j}.png"; im.save(out / name)
+            records.append({"prompt": prompt, "file": name, "seed": args.seed})
+    save_json(records, out / "images.json")
+    print(f"wrote {len(records)} images to {out}")
+    return 0
+
+
+def cmd_edit(args) -> int:
+    "Apply `--instruction` to `--image`; the result goes to a new run folder."
+    system = _system(args)
+    source = open_image(args.image)
+    out = new_run_dir(args.out)
+    edited = system.edit([source], [args.instruction], seed=args.seed, **_sampling(args))[0]
+    source.save(out / "source.png"); edited.save(out / "edited.png")
+    save_json({"instruction": args.instruction, "source": str(args.image), "seed": args.seed}, out / "edit.json")
+    print(f"wrote {out / 'edited.png'}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    "Score a saved model on the toy suite (or real-benchmark files) and write metrics.json and the tables."
+    from illume_ref.evaluate import evaluate
+    cfg = config_from_args(args)
+    system = _system(args)
+    out = new_run_dir(args.out)
+    metrics = evaluate(system, suite=args.suite, cfg=cfg, out_dir=out, model_name=str(args.model))
+    print(json.dumps(metrics.get("headline", {}), indent=2, default=str))
+    print(f"wrote {out / 'metrics.json'}")
+    return 0
+
+
+def _model_args(p: argparse.ArgumentParser, sampling: bool = True):
+    p.add_argument("--model", required=True, help="a saved model folder (IllumeSystem.save_pretrained)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    if sampling:
+        p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale")
+        p.add_argument("--top-k", type=int, default=None)
+        p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--temperature", type=float, default=None)
 
 # %% ../nbs/90_cli.ipynb #5fdc6a27
 def build_parser() -> argparse.ArgumentParser:
@@ -151,6 +243,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", default="semantic", choices=["semantic", "reconstruction"], help="tokenizer kind")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("chat", help="ask a saved model about images")
+    _model_args(p, sampling=False)
+    p.add_argument("--image", action="append", default=[], help="an image file (repeatable)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("generate", help="draw images for prompts with a saved model")
+    _model_args(p)
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompt-file", default=None, help="a text file with one prompt per line")
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--out", default="runs/generate")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("edit", help="edit an image by an instruction with a saved model")
+    _model_args(p)
+    p.add_argument("--image", required=True)
+    p.add_argument("--instruction", required=True)
+    p.add_argument("--out", default="runs/edit")
+    p.set_defaults(func=cmd_edit)
+
+    p = sub.add_parser("eval", help="score a saved model: toy mirrors of POPE, MMBench, VQA, GenEval, FID, editing")
+    _model_args(p, sampling=False)
+    add_config_args(p)
+    p.add_argument("--suite", default="toy", choices=["toy"], help="the toy suite (real benchmarks: see 09_eval)")
+    p.add_argument("--out", default="runs/eval")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("info", help="versions and available devices")
     p.add_argument("--device", default=None)

@@ -669,7 +669,7 @@ def evaluate(model, suite: str | ToySuite = 'toy', cfg: IllumeRefConfig | None =
     """Evaluate `model` (any `ModelLike`) and return the metrics dict; with `out_dir`, write `metrics.json`,
     `report.md` and the plots there. `suite`: 'toy' (built from `cfg`), a prebuilt `ToySuite`, or 'real'
     (keyword arguments `pope`, `mmbench`, `geneval`, `emu_edit`: see `evaluate_real`). `encoder`: the feature
-    extractor of the FID and editing analogues (default: `pretrained_toy_encoder(cfg.encoder)`)."""
+    extractor of the FID and editing analogues (default: `tokenizer.default_encoder(cfg)`)."""
     cfg = cfg if cfg is not None else get_config('toy')
     if suite == 'real': return evaluate_real(model, out_dir, cfg=cfg, **real)
     if real: raise TypeError(f"unexpected arguments for the toy suite: {', '.join(real)}")
@@ -679,8 +679,8 @@ def evaluate(model, suite: str | ToySuite = 'toy', cfg: IllumeRefConfig | None =
     if s is None: raise ValueError(f"unknown suite {suite!r}: expected 'toy', 'real' or a ToySuite")
     ev = cfg.eval
     if encoder is None and {'fid', 'edit'} & set(sections):
-        from illume_ref.encoders import pretrained_toy_encoder
-        encoder = pretrained_toy_encoder(cfg.encoder, progress=False)
+        from illume_ref.tokenizer import default_encoder   # a saved encoder (name_or_path), else the cached toy ViT
+        encoder = default_encoder(cfg, progress=False)
     runs = {'pope': lambda: eval_pope(model, s, ev.batch_size), 'mmbench': lambda: eval_mmbench(model, s, ev.batch_size),
             'vqa': lambda: eval_vqa(model, s, ev.batch_size),
             'geneval': lambda: eval_geneval(model, s, ev.geneval_images_per_prompt, ev.seed, ev.batch_size),
