@@ -70,6 +70,7 @@ def cmd_demo(args) -> int:
 TRAIN_TARGETS = {
     "encoder": "pretrain the toy ViT on the toy world (semantic per-patch targets)",
     "tokenizer": "the vision tokenizer: --kind semantic (feature reconstruction) or reconstruction (pixel VQ)",
+    "decoder": "the diffusion decoder: codes of --tokenizer DIR (default: the cached toy tokenizer) -> pixels",
 }
 
 
@@ -94,8 +95,16 @@ def cmd_train(args) -> int:
         result = {"seconds": history.get("seconds")}
     elif args.target == "tokenizer":
         from illume_ref.tokenizer import train_tokenizer
-        _, history = train_tokenizer(cfg, out, kind=args.kind, resume=args.resume, steps=args.steps, device=args.device)
+        kw = {"eval_images": args.eval_images} if args.eval_images is not None else {}
+        _, history = train_tokenizer(cfg, out, kind=args.kind, resume=args.resume, steps=args.steps, device=args.device, **kw)
         result = {"steps": history["steps"], "seconds": round(history["seconds"], 1), "eval": history["eval"]}
+    elif args.target == "decoder":
+        from illume_ref.decoder import train_decoder
+        from illume_ref.tokenizer import load_tokenizer, pretrained_toy_tokenizer
+        tokenizer = load_tokenizer(args.tokenizer, config=cfg) if args.tokenizer else pretrained_toy_tokenizer(cfg)
+        kw = {"eval_images": args.eval_images} if args.eval_images is not None else {}
+        _, history = train_decoder(cfg, tokenizer, out, resume=args.resume, steps=args.steps, device=args.device, **kw)
+        result = {k: history.get(k) for k in ("steps", "seconds", "eval")}
     print(json.dumps({"run_dir": str(out), "target": args.target, **result}, indent=2, default=str))
     return 0
 
@@ -241,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--steps", type=int, default=None, help="override the number of training steps")
     p.add_argument("--kind", default="semantic", choices=["semantic", "reconstruction"], help="tokenizer kind")
+    p.add_argument("--tokenizer", default=None, help="decoder: a trained vision tokenizer folder")
+    p.add_argument("--eval-images", type=int, default=None, help="held-out images scored at the end (default: the trainer's)")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_train)
 
