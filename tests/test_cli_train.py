@@ -52,3 +52,21 @@ def test_train_bad_input(cli, tmp_path, encoder_dir):
     assert code == 2 and "'tokenizer.train.lr': must be positive" in err
     code, _, err = cli("train", "tokenizer", "--out", tmp_path / "t2", "--set", f"encoder.name_or_path={tmp_path}/nope")
     assert code == 2 and "nope" in err
+
+
+def test_train_decoder_then_resume(cli, tmp_path, encoder_dir):
+    tiny = ["--set", f"encoder.name_or_path={encoder_dir}", "--set", "decoder.block_out_channels=[16, 32]",
+            "--set", "decoder.cross_attention_dim=32", "--set", "decoder.attention_head_dim=4",
+            "--set", "decoder.train.batch_size=2", "--set", "decoder.train.save_every=1", *FAST]
+    assert cli("train", "tokenizer", "--out", tmp_path / "tok", "--steps", 1, "--eval-images", 8, *tiny)[0] == 0
+    out = tmp_path / "dec"
+    args = ["train", "decoder", "--tokenizer", tmp_path / "tok", "--out", out, "--eval-images", 2, *tiny]
+    code, stdout, err = cli(*args, "--steps", 1)
+    assert code == 0, err
+    code, stdout, err = cli(*args, "--steps", 2, "--resume")
+    assert code == 0, err
+    result = json.loads(stdout[stdout.index("{"):])
+    assert result["steps"] == 2 and 0 <= result["eval"]["object_recall"] <= 1
+    assert (out / "pipeline").is_dir()
+    code, _, err = cli("train", "decoder", "--tokenizer", tmp_path / "nope", "--out", tmp_path / "d2", *tiny)
+    assert code == 2 and "nope" in err
