@@ -338,7 +338,8 @@ class DecoderConfig(ConfigBase):
     layers_per_block: int = 1
     attention_head_dim: int = 8
     cross_attention_dim: int = 128
-    prediction_type: str = "epsilon"         # or 'v_prediction'
+    prediction_type: str = "epsilon"         # what the UNet predicts: 'epsilon', 'v_prediction' or 'sample' (x0)
+    spatial_channels: Optional[int] = None  # token map concatenated to the UNet input (None: 16 in pixel space, 0 latent)
     num_train_timesteps: int = 1000
     condition_dropout: float = 0.1          # drop the condition so the decoder has its own CFG
     guidance_scale: float = 2.0
@@ -353,8 +354,10 @@ class DecoderConfig(ConfigBase):
         return self.image_size // self.vae_scale_factor if self.latent else self.image_size
 
     def validate(self):
-        self._require(self.prediction_type in ("epsilon", "v_prediction"), "prediction_type",
-                      f"expected 'epsilon' or 'v_prediction', got '{self.prediction_type}'")
+        self._require(self.prediction_type in ("epsilon", "v_prediction", "sample"), "prediction_type",
+                      f"expected 'epsilon', 'v_prediction' or 'sample', got '{self.prediction_type}'")
+        self._require(self.spatial_channels is None or self.spatial_channels >= 0, "spatial_channels",
+                      f"must be >= 0 (or None for the default), got {self.spatial_channels}")
         self._require(0 <= self.condition_dropout < 1, "condition_dropout", "must be in [0, 1)")
         down = 2 ** (len(self.block_out_channels) - 1)
         self._require(self.sample_size % down == 0, "image_size",
@@ -508,8 +511,11 @@ def _toy() -> IllumeRefConfig:
         quantizer=QuantizerConfig(num_codes=512, code_dim=8, kmeans_init=True, dead_code_threshold=1e-3),
         tokenizer=TokenizerConfig(tokens_per_image=64, decoder_layers=2, decoder_heads=4, decoder_hidden=128,
                                   train=TrainConfig(lr=1e-3, batch_size=64, steps=600, save_every=200)),
+        # the toy decoder predicts the clean image and sees a token map (why: notebook 05, section 8)
         decoder=DecoderConfig(image_size=64, latent=False, block_out_channels=[64, 128, 128], cross_attention_dim=128,
-                              train=TrainConfig(lr=3e-4, batch_size=32, steps=3000, save_every=500)),
+                              prediction_type="sample", spatial_channels=16,
+                              train=TrainConfig(lr=1e-3, batch_size=32, steps=600, warmup_steps=50, log_every=25,
+                                                save_every=100)),
         llm=LLMConfig(kind="scratch", text_vocab_size=1024, hidden_size=256, intermediate_size=688, num_layers=4,
                       num_heads=4, num_kv_heads=4, max_position_embeddings=512, adapter_hidden=256),
         # toy stages keep the paper's ratios between groups, with CPU-sized batches and steps

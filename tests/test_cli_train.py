@@ -68,5 +68,7 @@ def test_train_decoder_then_resume(cli, tmp_path, encoder_dir):
     result = json.loads(stdout[stdout.index("{"):])
     assert result["steps"] == 2 and 0 <= result["eval"]["object_recall"] <= 1
     assert (out / "pipeline").is_dir()
+    sched = json.loads((out / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["prediction_type"] == "sample"                         # the toy preset's choice, via the config
     code, _, err = cli("train", "decoder", "--tokenizer", tmp_path / "nope", "--out", tmp_path / "d2", *tiny)
     assert code == 2 and "nope" in err

@@ -1,3 +1,4 @@
+import re
 import pytest
 
 from illume_ref.config import (PRESETS, ConfigError, EncoderConfig, IllumeRefConfig, StageConfig, get_config)
@@ -48,11 +49,12 @@ def test_overrides_parse_values_and_types():
     (["stage1.lrs.adaptor=1e-3"], "unknown parameter group 'adaptor'. Did you mean 'adapter'"),
     (["world.max_objects=12"], "12 objects do not fit in a 3x3 grid"),
     (["stage2.image_size=32"], "32 px, but the encoder takes 64 px inputs"),
-    (["decoder.prediction_type=x0"], "expected 'epsilon' or 'v_prediction', got 'x0'"),
+    (["decoder.prediction_type=x0"], "expected 'epsilon', 'v_prediction' or 'sample', got 'x0'"),
+    (["decoder.spatial_channels=-1"], "must be >= 0 (or None for the default), got -1"),
     (["quantizer.num_codes"], "must look like key.path=value"),
 ])
 def test_bad_configs_name_the_problem(overrides, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         get_config("toy", overrides)
 
 

@@ -10,7 +10,8 @@ from illume_ref.config import QuantizerConfig, get_config
 from illume_ref.decoder import (ConditionProjector, DiffusionDecoder, IllumeDecoderPipeline, WarmupEMA,
                                 adapt_cross_attention, add_input_channels, bench_decoder, format_bench_decoder, held_out_scenes,
                                 images_to_sample, noise_schedule, oracle_rates, render_scenes, sample_to_images,
-                                sampling_scheduler, train_decoder)
+                                sampling_scheduler, train_decoder, pretrained_toy_decoder, resolve_decoder_config,
+                                seen_in_training, toy_scenes)
 from illume_ref.encoders import ToyViT
 from illume_ref.tokenizer import SemanticVisionTokenizer
 
@@ -82,8 +83,36 @@ def test_loss_dropout_and_v_prediction():
     assert dec.unet.conv_in.weight.grad is not None and dec.condition_projector.mlp[0].weight.grad is not None
     v = DiffusionDecoder.from_config(tiny_cfg(prediction_type='v_prediction').decoder, 16, 4)
     assert v.noise_scheduler.config.prediction_type == 'v_prediction'
+    x = DiffusionDecoder.from_config(tiny_cfg().decoder, 16, 4, prediction_type='sample')
+    assert x.pipeline().scheduler.config.prediction_type == 'sample'
+    assert x.loss(torch.rand(2, 3, 64, 64), torch.randn(2, 4, 16))['loss'] > 0
+    with pytest.raises(ValueError, match="unknown prediction_type 'x0'"):
+        DiffusionDecoder.from_config(tiny_cfg().decoder, 16, 4, prediction_type='x0')
     with pytest.raises(ValueError, match=r'expected images of shape \(B, 3, 64, 64\), got \(2, 3, 32, 32\)'):
         dec.loss(torch.rand(2, 3, 32, 32), torch.randn(2, 4, 16))
+
+
+def test_config_chooses_prediction_and_token_map():
+    toy = get_config('toy').decoder
+    assert (toy.prediction_type, toy.spatial_channels) == ('sample', 16)       # what notebook 05 found to work
+    dec = DiffusionDecoder.from_config(tiny_cfg().decoder, 16, 4)
+    assert dec.noise_scheduler.config.prediction_type == 'sample' and dec.unet.config.in_channels == 48 + 16
+    flat = DiffusionDecoder.from_config(tiny_cfg(spatial_channels=0).decoder, 16, 4)
+    assert flat.unet.config.in_channels == 48 and flat.condition_projector.spatial is None
+    assert resolve_decoder_config(get_config('full').decoder).spatial_channels == 0     # latent default: no map
+    assert resolve_decoder_config(toy, 0, 'epsilon').to_dict() == toy.replace(spatial_channels=0, prediction_type='epsilon').to_dict()
+
+
+def test_cached_decoder_is_reused_and_pruned(tokenizer, tmp_path):
+    cfg = tiny_cfg(**{'train.steps': 4})
+    pipe, hist = pretrained_toy_decoder(cfg, tokenizer, cache=tmp_path, progress=False, eval_images=2)
+    (folder,) = tmp_path.glob('decoder-*')
+    assert [p.name for p in (folder / 'checkpoints').iterdir()] == ['step-000004'] and hist['steps'] == 4
+    again, _ = pretrained_toy_decoder(cfg, tokenizer, cache=tmp_path, progress=False, eval_images=2)     # loaded, not retrained
+    assert len(list(tmp_path.glob('decoder-*'))) == 1
+    for k, v in pipe.unet.state_dict().items(): assert torch.equal(v, again.unet.state_dict()[k]), k
+    pretrained_toy_decoder(cfg, tokenizer, cache=tmp_path, progress=False, eval_images=2, prediction_type='v_prediction')
+    assert len(list(tmp_path.glob('decoder-*'))) == 2                                        # another run, another entry
 
 
 def test_full_preset_on_meta_is_sd_sized():
@@ -157,21 +186,24 @@ def test_pipeline_determinism_and_round_trip(pipe, tokenizer, tmp_path):
     assert len(pil) == 2 and pil[0].size == (64, 64)
 
 
-def test_perfect_denoiser_recovers_the_image(pipe):
-    "With the exact noise as the UNet's answer, both solvers land on x_0: the sampling loop is right."
+@pytest.mark.parametrize('prediction', ['epsilon', 'v_prediction', 'sample'])
+def test_perfect_denoiser_recovers_the_image(pipe, prediction):
+    "With the exact answer (noise, v or x_0) from the UNet, both solvers land on x_0: the sampling loop is right."
     x_img = torch.rand(2, 3, 64, 64)
     x0 = images_to_sample(x_img, patch_size=4)
-    abar_of = noise_schedule(get_config('toy').decoder).alphas_cumprod
+    sched = noise_schedule(get_config('toy').decoder, prediction)
 
     class Perfect(torch.nn.Module):
         config, device, dtype = pipe.unet.config, torch.device('cpu'), torch.float32
         def forward(self, x, t, encoder_hidden_states=None):
-            abar, x = abar_of[t], x[:, :48]                                  # (drop the spatial condition map)
-            return SimpleNamespace(sample=(x - abar.sqrt() * x0.repeat(len(x) // 2, 1, 1, 1)) / (1 - abar).sqrt())
+            abar, x = sched.alphas_cumprod[t], x[:, :48]                          # (drop the spatial condition map)
+            x0_ = x0.repeat(len(x) // 2, 1, 1, 1)
+            eps = (x - abar.sqrt() * x0_) / (1 - abar).sqrt()
+            answer = {'epsilon': eps, 'sample': x0_, 'v_prediction': abar.sqrt() * eps - (1 - abar).sqrt() * x0_}
+            return SimpleNamespace(sample=answer[prediction])
 
     for kind in ('dpm', 'ddim'):
-        p = IllumeDecoderPipeline(Perfect(), sampling_scheduler(noise_schedule(get_config('toy').decoder), kind),
-                                  pipe.condition_projector, pixel_patch_size=4)
+        p = IllumeDecoderPipeline(Perfect(), sampling_scheduler(sched, kind), pipe.condition_projector, pixel_patch_size=4)
         p.set_progress_bar_config(disable=True)
         out = p(features=torch.randn(2, 64, 32), num_inference_steps=8, output_type='pt').images
         assert torch.allclose(out, x_img, atol=1e-4), kind
@@ -216,6 +248,16 @@ def test_warmup_ema_round_trip():
     assert torch.allclose(ema.shadow['weight'], w0 * 2 / 11 + 9 / 11)
     other = WarmupEMA(torch.nn.Linear(2, 2)); other.load_state_dict(ema.state_dict())
     assert other.num_updates == 1 and torch.equal(other.shadow['weight'], ema.shadow['weight'])
+
+
+def test_seen_in_training_replays_the_draws():
+    import random
+    from illume_ref.config import TrainConfig
+    from illume_ref.training import step_seed
+    step3 = toy_scenes(random.Random(step_seed(0, 3)), 2)
+    assert seen_in_training(step3, TrainConfig(steps=4, batch_size=2)) == [True, True]
+    assert seen_in_training(step3, TrainConfig(steps=3, batch_size=2)) == [False, False]
+    assert seen_in_training(step3, TrainConfig(steps=4, batch_size=2, seed=1)) != [True, True]
 
 
 def test_oracle_rates():
