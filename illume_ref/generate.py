@@ -177,6 +177,8 @@ def _codes_for(model, tokenizer, conditions, cfg_scale, temperature, top_k, top_
                uncond, use_cache, tokens_per_image):
     N = tokens_per_image or model.config.tokens_per_image
     vocab = model.visual_vocab
+    if num_images < 1: raise ValueError(f"num_images must be at least 1, got {num_images}")
+    if len(conditions) == 0: raise ValueError("got no prompts (or no images to edit): nothing to generate")
     conditions = [c for c in conditions for _ in range(num_images)]
     rows, views = image_prompts(model, tokenizer, conditions, cfg_scale is not None, template, uncond)
     extra = vocab.image_length(N) - 1                   # <img_start> is in the prompt
@@ -294,6 +296,7 @@ def chat_batch(model, tokenizer, items: Sequence[tuple[Sequence, str]], max_new_
                template: str = 'vicuna_v1', use_cache: bool = True, return_ids: bool = False) -> list:
     """Answers to `(images, prompt)` pairs (`images`: a list of PIL images / tensors, possibly empty), decoded with a
     KV cache until `</s>` or `max_new_tokens`. Greedy at `temperature=0`; row `r` samples with seed `seed + r`."""
+    if len(items) == 0: raise ValueError("chat_batch got no (images, prompt) items")
     rows, views = [], []
     for images, prompt in items:
         if images is not None and not isinstance(images, (list, tuple)): images = [images]
@@ -505,14 +508,13 @@ def _sync(device):
 
 @torch.no_grad()
 def bench_generate(preset: str = 'toy', batch_size: int = 4, cfg_scale: float = 3.0, device: str = 'cpu',
-                   dtype=None, random_weights: bool = True, prompt_length: int = 64, repeats: int = 1,
+                   dtype=None, prompt_length: int = 64, repeats: int = 1,
                    hbm_bandwidth: float | None = None, methods: Sequence[str] = ('ours', 'recompute', 'hf_generate'),
                    seed: int = 0) -> list[dict]:
     """Time image-token generation (greedy, CFG `cfg_scale`) of `batch_size` images of `preset`'s LLM shape with
     random weights: rows `method`, `seconds`, `tokens_per_s` (codes), `speedup_vs_hf`, and for CUDA the bandwidth
     bound (`bound_tokens_per_s`, `fraction_of_bound`; `hbm_bandwidth` in B/s, default 4.8e12 = H200 on CUDA)."""
     if hbm_bandwidth is None and str(device).startswith('cuda'): hbm_bandwidth = 4.8e12
-    if not random_weights: raise NotImplementedError("bench_generate times random-weight models only")
     if isinstance(dtype, str): dtype = getattr(torch, dtype)
     lm, vocab, N = _bench_llm(preset, device, dtype, seed)
     g = torch.Generator().manual_seed(seed)

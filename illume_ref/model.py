@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,14 +22,14 @@ from transformers.modeling_outputs import ModelOutput
 
 from .config import EncoderConfig, IllumeRefConfig, LLMConfig
 from .encoders import SemanticEncoder, ToyViT, VisionTower, build_encoder, images_to_tensor
-from .vocab import (IGNORE_INDEX, IMAGE_PLACEHOLDER, ROLES, TASK_PROMPTS, VICUNA_SYSTEM, VisualVocab,
+from .vocab import (IGNORE_INDEX, IMAGE_END, IMAGE_PLACEHOLDER, IMAGE_ROW, IMAGE_START, ROLES, TASK_PROMPTS, VICUNA_SYSTEM, VisualVocab,
                               extend_model, extend_tokenizer, load_text_tokenizer)
 
 # %% auto #0
 __all__ = ['TEMPLATES', 'TASKS', 'VisionAdapter', 'IllumeConfig', 'IllumeOutput', 'IllumeForConditionalGeneration',
            'llama_config_for', 'build_language_model', 'illume_config_for', 'build_illume', 'save_illume',
-           'load_illume', 'image_input_ids', 'tokenize_conversation', 'example_to_turns', 'collate', 'select_grid',
-           'anyres_views', 'meta_illume']
+           'load_illume', 'view_tensor', 'image_input_ids', 'tokenize_conversation', 'example_to_turns', 'collate',
+           'select_grid', 'anyres_views', 'meta_illume']
 
 # %% ../nbs/07_mllm.ipynb #0c87a2b6
 class VisionAdapter(nn.Sequential):
@@ -187,12 +188,18 @@ class IllumeForConditionalGeneration(PreTrainedModel):
             inputs_embeds = self.embed_inputs(input_ids, images)
         elif images is not None:
             raise ValueError("images are spliced in by embed_inputs; pass either inputs_embeds or input_ids + images")
+        if position_ids is None and attention_mask is not None:     # left padding: count positions from each row's start
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1]:]
         out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                                   past_key_values=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep,
                                   **kwargs)
         result = IllumeOutput(logits=out.logits, past_key_values=out.past_key_values,
                               hidden_states=getattr(out, 'hidden_states', None))
         if labels is not None:
+            bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= out.logits.shape[-1]))
+            if bad.any():
+                raise ValueError(f"label {int(labels[bad][0])} is out of range: expected ids in [0, {out.logits.shape[-1]}) "
+                                 f"or {IGNORE_INDEX} (no loss)")
             result.loss, result.loss_per_task, result.loss_text, result.loss_visual, result.num_targets = \
                 self.next_token_loss(out.logits, labels, tasks)
         return result
@@ -301,9 +308,16 @@ def load_illume(path: str | Path, expected_vocab: VisualVocab | None = None, tok
 TEMPLATES = ('vicuna_v1', 'plain')
 
 
+_NEW_TOKEN_TEXT = re.compile(r"<img_\d+>|" + "|".join(re.escape(t) for t in (IMAGE_START, IMAGE_END, IMAGE_ROW)))
+
+
 def _text_ids(tokenizer, text: str) -> list[int]:
     if IMAGE_PLACEHOLDER in text:
         raise ValueError(f"write images as {{'image': img}} parts, not as the string '{IMAGE_PLACEHOLDER}' in text")
+    found = _NEW_TOKEN_TEXT.search(text)
+    if found:
+        raise ValueError(f"text contains the image token '{found.group()}': images are written as {{'codes': ...}} "
+                         "parts (or {'target_image': ...} in collate), never as token strings in text")
     return tokenizer(text, add_special_tokens=False).input_ids if text else []
 
 
@@ -336,6 +350,16 @@ def _segments(turns: Sequence[dict], template: str, eos: str, add_generation_pro
     return out
 
 
+def view_tensor(image, image_size: int | None = None) -> torch.Tensor:
+    """One image (PIL, array or tensor `(3, H, W)` / `(1, 3, H, W)`) -> a view `(1, 3, S, S)` in [0, 1] at
+    `image_size`: PIL images are resized by `images_to_tensor`, tensors of another size bicubically here."""
+    v = images_to_tensor(image, image_size)
+    if len(v) != 1: raise ValueError(f"expected one image per part, got a batch of {len(v)}")
+    if image_size is not None and tuple(v.shape[-2:]) != (image_size, image_size):
+        v = F.interpolate(v, size=(image_size, image_size), mode='bicubic', antialias=True, align_corners=False).clamp(0, 1)
+    return v
+
+
 def image_input_ids(vocab: VisualVocab, tokens_per_view: int, grid: tuple[int, int] | None = None) -> list[int]:
     """Placeholder ids of one understanding image: `tokens_per_view` placeholders, or with an AnyRes `grid`
     (rows, cols): the global view, then for each row of slices its `cols` views and a `<img_row>`."""
@@ -359,16 +383,22 @@ def tokenize_conversation(turns: Sequence[dict], tokenizer, vocab: VisualVocab, 
     for part, sup in _segments(turns, template, eos, add_generation_prompt):
         if isinstance(part, str):
             piece = [tokenizer.eos_token_id] if part == eos and sup else _text_ids(tokenizer, part)
+        elif not isinstance(part, dict):
+            raise ValueError(f"unknown content part of type {type(part).__name__}: expected a string, {{'image': ...}} "
+                             "or {'codes': ...} (wrap an image as {'image': img})")
         elif 'image' in part:
             if sup: raise ValueError("an {'image': ...} part is an input; images the assistant writes are "
                                      "{'codes': ...} or {'target_image': ...}")
             if anyres: v, grid = anyres_views(part['image'], anyres.get('base', image_size), anyres.get('max_slices', 9))
-            else: v, grid = images_to_tensor(part['image'], image_size), None
+            else: v, grid = view_tensor(part['image'], image_size), None
             views.append(v); grids.append(grid)
             ids += image_input_ids(vocab, tokens_per_view, grid); labels += [IGNORE_INDEX] * (len(ids) - len(labels))
             continue
         elif 'codes' in part:
             piece = vocab.image_token_ids(torch.as_tensor(part['codes']).flatten()).tolist()
+        elif 'target_image' in part:
+            raise ValueError("a {'target_image': ...} part must be encoded to codes first: pass the example through "
+                             "collate(..., vision_tokenizer=...), or give {'codes': ...}")
         else:
             raise ValueError(f"unknown content part {sorted(part) if isinstance(part, dict) else type(part).__name__}: "
                              "expected a string, {'image': ...}, {'codes': ...} or {'target_image': ...}")
@@ -430,6 +460,7 @@ def collate(examples: Sequence[dict], tokenizer, vocab: VisualVocab, tasks: str 
     with `vision_tokenizer.encode` in one call. Sequences longer than `max_length` raise (no silent truncation)."""
     B = len(examples)
     if B == 0: raise ValueError("collate got no examples")
+    if padding_side not in ('left', 'right'): raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     if tasks is None:
         missing = [i for i, e in enumerate(examples) if 'task' not in e]
         if missing: raise ValueError(f"examples {missing[:5]} have no 'task' key and no tasks= was given")
@@ -443,7 +474,8 @@ def collate(examples: Sequence[dict], tokenizer, vocab: VisualVocab, tasks: str 
         if vision_tokenizer is None:
             raise ValueError(f"{len(targets)} image(s) to generate are given as pixels: pass vision_tokenizer= to "
                              "encode them, or give their 'codes'")
-        codes = vision_tokenizer.encode(images_to_tensor([images_to_tensor(p['target_image'])[0] for p in targets]))
+        size = getattr(vision_tokenizer, 'image_size', None)
+        codes = vision_tokenizer.encode(torch.cat([view_tensor(p['target_image'], size) for p in targets]))
         codes_of = {id(p): c for p, c in zip(targets, codes.cpu())}
         dialogues = [[{**turn, 'content': [{'codes': codes_of[id(p)]} if id(p) in codes_of else p
                                            for p in turn['content']]} for turn in d] for d in dialogues]

@@ -232,6 +232,7 @@ class VisualVocab:
         ids = torch.as_tensor(token_ids)
         squeeze = ids.ndim == 1
         if squeeze: ids = ids[None]
+        if ids.ndim != 2: raise ValueError(f"expected image token ids shaped (L,) or (B, L), got {tuple(ids.shape)}")
         B, L = ids.shape
         if L < 3 or (ids[:, 0] != self.image_start_id).any() or (ids[:, -1] != self.image_end_id).any():
             raise ValueError("an image token sequence must start with <img_start> and end with <img_end>")
@@ -320,6 +321,9 @@ def init_new_rows(weight: torch.Tensor, start: int, mode: str = 'mean', noise: f
     n, d = weight.shape[0] - start, weight.shape[1]
     eps = torch.randn(n, d, generator=generator, dtype=torch.float32).to(weight.device)
     if mode == 'mean':
+        if start < 2:
+            raise ValueError(f"new_row_init 'mean' needs at least 2 existing rows to take a mean and std from, got {start}; "
+                             "use 'normal'")
         old = weight[:start].float()
         weight[start:] = (old.mean(0) + noise * old.std(0) * eps).to(weight.dtype)
     elif mode == 'normal':

@@ -37,6 +37,11 @@ def test_chat(cli, model_dir):
                          "--prompt", "What colour is the circle?", "--max-new-tokens", 3)
     assert code == 0, err
     assert isinstance(out, str) and out.endswith("\n")
+    from PIL import Image
+    from illume_ref.generate import IllumeSystem
+    system = IllumeSystem.from_pretrained(model_dir / "system")          # the library, called directly, agrees
+    reply = system.chat([Image.open(model_dir / "scene.png")], "What colour is the circle?", max_new_tokens=3)
+    assert out == reply + "\n"
 
 
 def test_generate_writes_images_deterministically(cli, model_dir, tmp_path):

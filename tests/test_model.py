@@ -5,6 +5,7 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
@@ -176,8 +177,8 @@ def test_anyres_views(w, h):
     views, (r, c) = anyres_views(img, base=64, max_slices=9)
     assert r * c <= 9 and views.shape == (1 + r * c, 3, 64, 64)
     assert torch.isfinite(views).all() and views.min() >= 0 and views.max() <= 1
-    pil = anyres_views(images_to_tensor(img), base=64)[1]
-    assert pil == (r, c)
+    pil = anyres_views(Image.fromarray((img.permute(1, 2, 0).numpy() * 255).astype("uint8")), base=64)
+    assert pil[1] == (r, c) and pil[0].shape == views.shape
 
 
 def test_anyres_slices_tile_the_canvas():
@@ -225,6 +226,16 @@ def test_left_padding_for_generation(toy):
     batch = mixed_batch(toy, padding_side="left", add_generation_prompt=False)
     am = batch["attention_mask"]
     assert (am[:, -1] == 1).all() and (am.sum(1) < am.shape[1]).any()
+    m = toy["model"].eval()
+    with torch.no_grad():
+        padded = m(input_ids=batch["input_ids"], attention_mask=am, images=batch["images"]).logits
+        views = iter(batch["images"])
+        for i in range(len(am)):                                    # each row alone, unpadded: the same logits
+            ids = batch["input_ids"][i, am[i].bool()][None]
+            n_img = int((ids == toy["vocab"].image_placeholder_id).sum()) // m.image_tokens
+            imgs = torch.stack([next(views) for _ in range(n_img)]) if n_img else None
+            alone = m(input_ids=ids, images=imgs).logits[0]
+            assert torch.allclose(alone, padded[i, -ids.shape[1]:], atol=1e-4), i
 
 
 def test_bad_inputs(toy):

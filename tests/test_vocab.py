@@ -7,7 +7,7 @@ from transformers.utils import logging as hf_logging
 
 from illume_ref.config import LLMConfig
 from illume_ref.vocab import (IMAGE_PLACEHOLDER, TextRowFreezer, VisualVocab, extend_model, extend_tokenizer,
-                              load_text_tokenizer, train_toy_text_tokenizer)
+                              init_new_rows, load_text_tokenizer, train_toy_text_tokenizer)
 
 hf_logging.set_verbosity_error()
 
@@ -100,9 +100,11 @@ def test_extend_model(tied, init):
     emb0, head0 = m.get_input_embeddings().weight.detach().clone(), m.lm_head.weight.detach().clone()
     v = VisualVocab(100, 16)
     extend_model(m, v, init=init)
-    emb, head = m.get_input_embeddings().weight.detach(), m.lm_head.weight.detach()
+    emb_p, head_p = m.get_input_embeddings().weight, m.lm_head.weight
+    emb, head = emb_p.detach(), head_p.detach()
     assert emb.shape == head.shape == (120, 32) and m.config.vocab_size == 120
-    assert (emb is head) == tied or torch.equal(emb, head) == tied
+    assert (emb_p is head_p) == tied                                 # tied: one shared Parameter
+    if not tied: assert not torch.equal(emb[100:], head[100:])      # untied: each matrix initialised on its own
     assert torch.equal(emb[:100], emb0) and torch.equal(head[:100], head0)
     new = emb[100:]
     assert not torch.equal(new[0], new[1])
@@ -156,3 +158,12 @@ def test_weight_decay_alone_moves_text_rows_without_the_restore():
     assert not torch.equal(emb.detach()[:100], e0[:100])
     with pytest.raises(ValueError, match="extend_model first"):
         TextRowFreezer(tiny_llm(100), v)
+
+
+def test_bad_vocab_inputs():
+    v = VisualVocab(100, 16)
+    ids = v.image_token_ids(torch.zeros(2, 16, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"shaped \(L,\) or \(B, L\), got \(1, 2, 22\)"):
+        v.image_codes(ids[None])
+    with pytest.raises(ValueError, match="needs at least 2 existing rows"):
+        init_new_rows(torch.zeros(5, 4), 1)
