@@ -602,7 +602,7 @@ def pretrained_toy_decoder(cfg: IllumeRefConfig, tokenizer, steps: int | None = 
     key = json.dumps({"world": cfg.world.to_dict(), "decoder": dcfg.to_dict(), "tokenizer": _fingerprint(tokenizer)},
                      sort_keys=True, default=str)
     folder = Path(cache or cache_dir()) / f"decoder-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
-    if not (folder / "pipeline" / "model_index.json").exists():
+    if not (folder / "history.json").exists():                     # written last: the run finished
         train_decoder(cfg.replace(decoder=dcfg), tokenizer, folder, resume=True, progress=progress, device=device,
                       eval_images=eval_images)
         for old in sorted((folder / "checkpoints").glob("step-*"))[:-1]: shutil.rmtree(old)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .config import EncoderConfig, ToyWorldConfig
-from .core import seed_everything
+from .core import save_json, seed_everything
 
 # %% auto #0
 __all__ = ['CLIP_MEAN', 'CLIP_STD', 'IMAGENET_MEAN', 'IMAGENET_STD', 'HALF_MEAN', 'HALF_STD', 'TOY_ARCH_FIELDS', 'merge_tokens',
@@ -201,9 +201,9 @@ class VisionTower(SemanticEncoder):
     `pixel_values (B, 3, S, S) -> features (B, (S/patch/k)^2, k*k*hidden)` from layer `select_layer`."""
 
     def __init__(self, tower: nn.Module, select_layer: int = -2, drop_cls: bool = True, token_merge: int = 1,
-                 image_size: int | None = None, image_mean=None, image_std=None):
+                 image_size: int | None = None, image_mean=None, image_std=None, trust_remote_code: bool = False):
         super().__init__()
-        self.tower = tower
+        self.tower, self.trust_remote_code, self._num_prefix = tower, trust_remote_code, None
         cfg = tower.config
         self.hidden_size = cfg.hidden_size
         self.patch_size = cfg.patch_size
@@ -226,9 +226,10 @@ class VisionTower(SemanticEncoder):
     @classmethod
     def from_pretrained(cls, name_or_path: str, select_layer: int = -2, drop_cls: bool = True, token_merge: int = 1,
                         image_size: int | None = None, dtype: torch.dtype | None = None, device=None,
-                        trust_remote_code: bool = False, **kwargs) -> 'VisionTower':
+                        trust_remote_code: bool = False, image_mean=None, image_std=None, **kwargs) -> 'VisionTower':
         """Load the vision tower saved at `name_or_path` (a local folder or a hub id). A full CLIP/SigLIP
-        checkpoint loads only its vision part. `kwargs` go to `from_pretrained` of the model class."""
+        checkpoint loads only its vision part. `image_mean`/`image_std` override the normalisation read from its
+        `preprocessor_config.json`. `kwargs` go to `from_pretrained` of the model class."""
         from transformers import AutoConfig, AutoModel
         from transformers.models.auto.modeling_auto import MODEL_MAPPING
         path = _check_model_path(name_or_path)
@@ -243,9 +244,10 @@ class VisionTower(SemanticEncoder):
             if not hasattr(tower.config, attr):
                 raise ValueError(f"'{name_or_path}' ({type(tower).__name__}) does not look like a ViT vision tower: "
                                  f"its config has no '{attr}'")
-        stats = _read_processor_stats(path) or (None, None)
+        stats = (image_mean, image_std) if image_mean is not None and image_std is not None else \
+            _read_processor_stats(path) or (None, None)
         enc = cls(tower, select_layer=select_layer, drop_cls=drop_cls, token_merge=token_merge, image_size=image_size,
-                  image_mean=stats[0], image_std=stats[1])
+                  image_mean=stats[0], image_std=stats[1], trust_remote_code=trust_remote_code)
         if device is not None: enc.to(device)
         return enc
 
@@ -263,6 +265,20 @@ class VisionTower(SemanticEncoder):
                                  f"downstream depend on it)")
         return enc
 
+    @property
+    def num_prefix_tokens(self) -> int:
+        """CLS / register tokens the tower puts before its patch tokens (CLIP: 1, SigLIP: 0). Known after the first
+        forward; before that, found by one forward of a blank image."""
+        if self._num_prefix is None:
+            with torch.no_grad():
+                self(torch.zeros(1, 3, self.image_size, self.image_size, device=self.device, dtype=self.dtype))
+        return self._num_prefix
+
+    @property
+    def num_tokens(self) -> int:
+        "Tokens per image in the output: the (merged) patch grid, plus the prefix tokens when `drop_cls=False`."
+        return self.grid ** 2 + (0 if self.drop_cls else self.num_prefix_tokens)
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         "pixel_values (B, 3, S, S) from `preprocess` -> features (B, num_tokens, output_dim)."
         self.check_pixels(pixel_values)
@@ -277,6 +293,7 @@ class VisionTower(SemanticEncoder):
         prefix = x.shape[1] - G2
         if prefix < 0:
             raise ValueError(f"the tower returned {x.shape[1]} tokens, fewer than the {G2} patches expected")
+        self._num_prefix = prefix
         if prefix and not self.drop_cls:
             if self.token_merge > 1:
                 raise ValueError(f"cannot merge tokens with {prefix} CLS/register token(s) kept: set drop_cls=True")
@@ -285,7 +302,11 @@ class VisionTower(SemanticEncoder):
 
     def extra_repr(self) -> str:
         return (f"image_size={self.image_size}, patch_size={self.patch_size}, select_layer={self.select_layer}, "
-                f"drop_cls={self.drop_cls}, token_merge={self.token_merge}, out=({self.num_tokens}, {self.output_dim})")
+                f"drop_cls={self.drop_cls}, token_merge={self.token_merge}, out=({self._tokens_repr()}, {self.output_dim})")
+
+    def _tokens_repr(self) -> str:                                      # no forward pass just to print the module
+        if self.drop_cls or self._num_prefix is not None: return str(self.num_tokens)
+        return f"{self.grid ** 2} + prefix"
 
 # %% ../nbs/03_encoder.ipynb #f69bcae6
 class Block(nn.Module):
@@ -531,7 +552,7 @@ def pretrain_toy_encoder(config: EncoderConfig | None = None, steps: int = 200, 
     out.load_state_dict(model.state_dict()); out.eval()          # the caller's select_layer / token_merge
     if out_dir is not None:
         out.save_pretrained(out_dir)
-        (Path(out_dir) / 'history.json').write_text(json.dumps(history) + '\n')
+        save_json(history, Path(out_dir) / 'history.json')      # last: the cache's "finished" marker
     return out, history
 
 # %% ../nbs/03_encoder.ipynb #2c5fa66c
@@ -543,12 +564,13 @@ def cache_dir() -> Path:
 def pretrained_toy_encoder(config: EncoderConfig | None = None, steps: int = 200, batch_size: int = 32, seed: int = 0,
                            cache: str | Path | None = None, progress: bool = True, **kwargs) -> ToyViT:
     """A ToyViT pretrained with `pretrain_toy_encoder`, loaded from the cache when that exact run was done before
-    (else trained and saved there). The returned model uses `config`'s output settings and is in eval mode."""
+    (else trained and saved there). The returned model uses `config`'s output settings and is in eval mode.
+    A run counts as done when its `history.json`, the last file written, is there."""
     config = config if config is not None else EncoderConfig()
     arch = {f: getattr(config, f) for f in TOY_ARCH_FIELDS}
     key = json.dumps({'arch': arch, 'steps': steps, 'batch_size': batch_size, 'seed': seed, **kwargs}, sort_keys=True, default=str)
     folder = Path(cache or cache_dir()) / f"toy_vit-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
-    if not (folder / 'model.safetensors').exists():
+    if not (folder / 'history.json').exists():                  # not model.safetensors: written before the history
         pretrain_toy_encoder(config, steps=steps, batch_size=batch_size, seed=seed, out_dir=folder, progress=progress, **kwargs)
     return ToyViT.from_pretrained(folder, config).eval()
 

@@ -39,8 +39,8 @@ __all__ = ['GENEVAL_CATEGORIES', 'SECTIONS', 'LETTERS', 'PAPER_RESULTS', 'POPE_S
            'frechet_distance', 'feature_stats', 'frechet_distance_features', 'encoder_tokens', 'encoder_features',
            'eval_fid', 'eval_edit', 'headline', 'report_markdown', 'plot_categories', 'failure_grid', 'evaluate',
            'write_report', 'read_records', 'open_image', 'Skips', 'pope_answers', 'score_pope', 'read_mmbench',
-           'mmbench_prompt', 'mmbench_predictions', 'score_mmbench', 'geneval_samples', 'toy_geneval_metadata',
-           'geneval_verdict', 'score_geneval_folder', 'emu_edit_outputs', 'evaluate_real']
+           'mmbench_prompt', 'has_circular_copies', 'mmbench_predictions', 'score_mmbench', 'geneval_samples',
+           'toy_geneval_metadata', 'geneval_verdict', 'score_geneval_folder', 'emu_edit_outputs', 'evaluate_real']
 
 # %% ../nbs/09_eval.ipynb #b705c039
 @runtime_checkable
@@ -128,15 +128,17 @@ class ToySuite:
     image_size: int = 64
     antialias: bool = False
     grid_size: int = 3
-    cache: dict = field(default_factory=dict, repr=False, compare=False)  # features of the suite's own renders
+    cache: dict = field(default_factory=dict, repr=False, compare=False)  # (name, id) -> (encoder, features of the suite's renders)
 
     def render(self, scene: Scene) -> Image.Image: return render(scene, self.image_size, self.antialias)
 
     def features(self, name: str, encoder, images: Sequence) -> np.ndarray:
-        "`encoder_tokens` of the suite's own images `images` (called `name`), computed once per encoder."
+        """`encoder_tokens` of the suite's own images `images` (called `name`), computed once per encoder. The entry
+        keeps the encoder itself and is used only for that very object (an `id` can be reused once an object is gone)."""
         key = (name, id(encoder))
-        if key not in self.cache: self.cache[key] = encoder_tokens(encoder, images)
-        return self.cache[key]
+        hit = self.cache.get(key)
+        if hit is None or hit[0] is not encoder: self.cache[key] = hit = (encoder, encoder_tokens(encoder, images))
+        return hit[1]
 
     def sizes(self) -> dict: return {k: len(getattr(self, k)) for k in SECTIONS}
 
@@ -347,7 +349,8 @@ def extract_choice(text: str, options: Sequence[str]) -> str | None:
     if len(cands) == 1: return cands.pop()
     if cands: return None
     low = ' ' + ' '.join(re.findall(r"[a-z0-9]+", t.lower())) + ' '
-    hits = [i for i, o in enumerate(options) if ' ' + ' '.join(re.findall(r"[a-z0-9]+", str(o).lower())) + ' ' in low]
+    words = [' '.join(re.findall(r"[a-z0-9]+", str(o).lower())) for o in options]
+    hits = [i for i, w in enumerate(words) if w and ' ' + w + ' ' in low]          # an empty option matches nothing
     hits = [i for i in hits if not any(j != i and str(options[i]).lower() in str(options[j]).lower() for j in hits)]
     return letters[hits[0]] if len(hits) == 1 else None
 
@@ -387,7 +390,7 @@ def eval_mmbench(model, suite: ToySuite, batch_size: int = 32) -> dict:
             'records': [{'prompt': p, 'answer': a, 'picked': c, 'correct': ok} for p, a, c, ok in zip(prompts, answers, picked, right)]}
 
 # %% ../nbs/09_eval.ipynb #485351a8
-_NUMBERS = {w: str(i) for i, w in enumerate(NUMBER_WORDS)} | {'none': '0', 'no': '0'}
+_NUMBERS = {w: str(i) for i, w in enumerate(NUMBER_WORDS)} | {'none': '0'}   # not 'no' -> '0': 'no' answers yes/no questions
 _SYNONYMS = {w: k for d in (SHAPE_SYNONYMS, COLOR_SYNONYMS) for k, ws in d.items() for w in ws if w != k} | {
     'centre': 'center', 'middle': 'middle'}
 
@@ -802,7 +805,9 @@ _MISSING = ('', 'nan', 'NaN', 'None')
 
 
 def read_mmbench(tsv_path) -> list[tuple[int, dict]]:
-    "(line number, row) of an MMBench TSV, with 'options' (the non-empty A-H columns in order) added."
+    """(line number, row) of an MMBench TSV, with 'options' added: the A-H columns in order, less the empty ones at
+    the end (a question with 3 options leaves D empty). An empty option between two filled ones is kept (as ''),
+    so every later option keeps its letter."""
     path = Path(tsv_path)
     if not path.exists(): raise FileNotFoundError(f"no such file: '{path}'")
     csv.field_size_limit(sys.maxsize)
@@ -815,7 +820,9 @@ def read_mmbench(tsv_path) -> list[tuple[int, dict]]:
         for n, r in enumerate(reader, 2):
             if None in r or any(v is None for v in r.values()):
                 raise ValueError(f"{path}:{n}: malformed row (expected {len(reader.fieldnames)} tab-separated fields)")
-            r['options'] = [r[l] for l in LETTERS if l in r and r[l] not in _MISSING]
+            opts = [r[l] for l in LETTERS if l in r]
+            while opts and opts[-1] in _MISSING: opts.pop()
+            r['options'] = ['' if o in _MISSING else o for o in opts]
             rows.append((n, r))
     if not rows: raise ValueError(f"'{path}' holds no MMBench rows")
     return rows
@@ -832,9 +839,17 @@ def mmbench_prompt(row: dict, options: Sequence[str] | None = None) -> str:
     return q + ''.join(f"\n{LETTERS[i]}. {o}" for i, o in enumerate(options)) + MMBENCH_SUFFIX
 
 
+def has_circular_copies(rows: Sequence[tuple[int, dict]]) -> bool:
+    "Whether `read_mmbench` rows already hold CircularEval's rotated copies (an index >= 1,000,000)."
+    return any(str(r['index']).strip().isdigit() and int(r['index']) >= 1_000_000 for _, r in rows)
+
+
 def mmbench_predictions(model, tsv_path, out_path, circular: bool = False, batch_size: int = 32) -> dict:
-    "Answer an MMBench TSV and write the predictions TSV (+ xlsx when openpyxl is there); returns a summary."
+    """Answer an MMBench TSV and write the predictions TSV (+ xlsx when openpyxl is there); returns a summary.
+    `circular=True` adds the rotated copies, unless the file already holds them (`has_circular_copies`)."""
     rows = read_mmbench(tsv_path)
+    in_file = has_circular_copies(rows)
+    if circular and in_file: circular = False                             # the official TSVs: rotate nothing again
     by_index = {r['index']: r for _, r in rows}
     skips, todo = Skips(), []
     for n, r in rows:
@@ -870,7 +885,8 @@ def mmbench_predictions(model, tsv_path, out_path, circular: bool = False, batch
         xlsx = out_path.with_suffix('.xlsx'); wb.save(xlsx)
     except ImportError: pass
     return {'rows': len(rows), 'written': len(out_rows), 'predictions_file': str(out_path),
-            'xlsx': str(xlsx) if xlsx else 'not written (openpyxl not installed)', **skips.summary()}
+            'xlsx': str(xlsx) if xlsx else 'not written (openpyxl not installed)',
+            'circular_copies': 'in the file' if in_file else 'added here' if circular else 'none', **skips.summary()}
 
 
 def score_mmbench(predictions_tsv) -> dict:
@@ -884,12 +900,21 @@ def score_mmbench(predictions_tsv) -> dict:
     return {'circular_accuracy': float(np.mean(circ)), 'n_questions': len(circ), 'n_rows': len(rows)}
 
 # %% ../nbs/09_eval.ipynb #e4347944
+def _require_empty(folder: Path, what: str):
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise FileExistsError(f"{what} folder '{folder}' is not empty: its old files would be scored with the new ones; "
+                              "choose another folder (nothing was written)")
+
+
 def geneval_samples(model, metadata_file, outdir, n_samples: int = 4, seed: int = 0, batch_size: int = 8) -> dict:
-    "Generate `n_samples` images per GenEval prompt into GenEval's folder layout; returns a summary."
+    """Generate `n_samples` images per GenEval prompt into GenEval's folder layout; returns a summary.
+    `outdir` must be new or empty (GenEval's scorer reads every sample folder in it)."""
+    outdir = Path(outdir)
+    _require_empty(outdir, 'GenEval samples')
     rows = read_records(metadata_file, ('prompt', 'tag', 'include'))
     for n, r in rows:
         if not str(r['prompt']).strip(): raise ValueError(f"{metadata_file}:{n}: empty prompt")
-    outdir = Path(outdir); skips = Skips()
+    skips = Skips()
     gens = call_generate(model, [r['prompt'] for _, r in rows], n_samples, seed, batch_size)
     written = 0
     for i, ((n, r), imgs) in enumerate(zip(rows, gens)):
@@ -994,6 +1019,7 @@ def evaluate_real(model, out_dir, cfg: IllumeRefConfig | None = None, pope=None,
         raise ValueError("suite='real' needs at least one of pope=(questions, images), mmbench=tsv, geneval=metadata, emu_edit=(records, images)")
     cfg = cfg if cfg is not None else get_config('toy')
     ev, out = cfg.eval, Path(out_dir)
+    if geneval is not None: _require_empty(out / 'geneval', 'GenEval samples')   # before any model call
     metrics, skipped = {'suite': 'real', 'model': model_id}, {}
     if pope is not None:
         q, imgs = pope
@@ -1005,7 +1031,7 @@ def evaluate_real(model, out_dir, cfg: IllumeRefConfig | None = None, pope=None,
         elif sc: metrics['pope']['average'] = {k: sc['all'][k] for k in ('accuracy', 'precision', 'recall', 'f1', 'yes_ratio')}
         skipped['pope'] = s['skipped']
     if mmbench is not None:
-        s = mmbench_predictions(model, mmbench, out / 'mmbench' / 'predictions.tsv', circular=True, batch_size=ev.batch_size)
+        s = mmbench_predictions(model, mmbench, out / 'mmbench' / 'predictions.tsv', circular=True, batch_size=ev.batch_size)  # not if in the file
         metrics['mmbench'] = s
         try: metrics['mmbench'].update(score_mmbench(s['predictions_file']))
         except ValueError as e: metrics['mmbench']['note'] = str(e)

@@ -289,7 +289,8 @@ class SemanticVisionTokenizer(VisionTokenizer):
         elif isinstance(enc, VisionTower):
             info = {'kind': 'hf', 'path': getattr(enc.tower, 'name_or_path', None) or getattr(enc.tower.config, '_name_or_path', None),
                     'select_layer': enc.select_layer, 'drop_cls': enc.drop_cls, 'token_merge': enc.token_merge,
-                    'image_size': enc.image_size}
+                    'image_size': enc.image_size, 'image_mean': list(enc.image_mean), 'image_std': list(enc.image_std),
+                    'trust_remote_code': bool(getattr(enc, 'trust_remote_code', False))}
         else:
             info = {'kind': type(enc).__name__, 'path': None}
         info.update(num_tokens=enc.num_tokens, output_dim=enc.output_dim)
@@ -316,7 +317,9 @@ class SemanticVisionTokenizer(VisionTokenizer):
             if info['kind'] == 'toy_vit': encoder = ToyViT.from_pretrained(path / info['path'])
             elif info['kind'] == 'hf' and info.get('path'):
                 encoder = VisionTower.from_pretrained(info['path'], select_layer=info['select_layer'], drop_cls=info['drop_cls'],
-                                                      token_merge=info['token_merge'], image_size=info['image_size'])
+                                                      token_merge=info['token_merge'], image_size=info['image_size'],
+                                                      image_mean=info.get('image_mean'), image_std=info.get('image_std'),
+                                                      trust_remote_code=info.get('trust_remote_code', False))
             else:
                 raise ValueError(f"the tokenizer at '{path}' was saved with a {info['kind']} encoder that cannot be "
                                  f"reloaded from disk: pass encoder=... to from_pretrained")
@@ -615,11 +618,12 @@ def pretrained_toy_tokenizer(cfg: IllumeRefConfig | None = None, kind: str = 'se
                              cache: str | Path | None = None, progress: bool = True) -> VisionTokenizer:
     """A tokenizer trained by `train_tokenizer(cfg, ..., kind, steps=steps)` (default config: the `toy` preset),
     loaded from the cache when that exact run (same world, encoder, quantizer and tokenizer configs) was done
-    before, else trained there (resuming an interrupted run)."""
+    before, else trained there (resuming an interrupted run). A run counts as done when its `history.json`, the
+    last file `train_tokenizer` writes, is there."""
     from illume_ref.config import get_config
     cfg = cfg if cfg is not None else get_config('toy')
     folder = toy_tokenizer_dir(cfg, kind, steps, cache)
-    if not (folder / 'model.safetensors').exists():
+    if not (folder / 'history.json').exists():                   # not model.safetensors: written before the history
         train_tokenizer(cfg, folder, kind, resume=True, steps=steps, progress=progress)
     return load_tokenizer(folder, config=cfg)
 

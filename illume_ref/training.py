@@ -21,7 +21,8 @@ from .config import TrainConfig
 from .core import autocast, load_json, resolve_dtype, save_json
 
 # %% auto #0
-__all__ = ['step_seed', 'warmup_cosine', 'EMA', 'save_checkpoint', 'load_checkpoint', 'list_checkpoints', 'Trainer']
+__all__ = ['RESUME_FIELDS', 'step_seed', 'warmup_cosine', 'EMA', 'save_checkpoint', 'load_checkpoint', 'list_checkpoints',
+           'check_resume_config', 'Trainer']
 
 # %% ../nbs/00b_training.ipynb #de981691
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
@@ -76,7 +77,7 @@ def _contiguous(sd: dict) -> dict:
 
 
 def save_checkpoint(path: str | Path, models: dict[str, nn.Module], optimizer=None, scheduler=None,
-                    state: dict | None = None, emas: dict[str, EMA] | None = None) -> Path:
+                    state: dict | None = None, emas: dict[str, EMA] | None = None, scaler=None) -> Path:
     "Write a complete checkpoint folder at `path` (atomically: a temporary folder renamed at the end)."
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -86,6 +87,7 @@ def save_checkpoint(path: str | Path, models: dict[str, nn.Module], optimizer=No
     for name, e in (emas or {}).items(): save_file(_contiguous(e.state_dict()), tmp / f"{name}.ema.safetensors")
     if optimizer is not None: torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     if scheduler is not None: torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    if scaler is not None: torch.save(scaler.state_dict(), tmp / "scaler.pt")
     save_json(state or {}, tmp / "trainer_state.json")
     if path.exists(): shutil.rmtree(path)
     tmp.rename(path)
@@ -93,7 +95,7 @@ def save_checkpoint(path: str | Path, models: dict[str, nn.Module], optimizer=No
 
 
 def load_checkpoint(path: str | Path, models: dict[str, nn.Module], optimizer=None, scheduler=None,
-                    emas: dict[str, EMA] | None = None) -> dict:
+                    emas: dict[str, EMA] | None = None, scaler=None) -> dict:
     "Load a checkpoint written by `save_checkpoint` into the given objects; returns the trainer state."
     path = Path(path)
     if not (path / "trainer_state.json").exists():
@@ -113,15 +115,36 @@ def load_checkpoint(path: str | Path, models: dict[str, nn.Module], optimizer=No
     for name, e in (emas or {}).items(): e.load_state_dict(load_file(path / f"{name}.ema.safetensors"))
     if optimizer is not None: optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     if scheduler is not None: scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    if scaler is not None:
+        if not (path / "scaler.pt").exists():
+            raise FileNotFoundError(f"checkpoint '{path}' has no loss-scaler state (scaler.pt): it was not written by an "
+                                    "fp16 run, so it cannot resume one (the training dtype differs)")
+        scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
     return load_json(path / "trainer_state.json")
 
 
 def list_checkpoints(out_dir: str | Path) -> list[Path]:
-    "Complete checkpoints under `out_dir/checkpoints`, oldest first."
+    "Complete checkpoints under `out_dir/checkpoints`, oldest first (by step number, not by name)."
     root = Path(out_dir) / "checkpoints"
     if not root.exists(): return []
-    return sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")
-                  and (p / "trainer_state.json").exists())
+    found = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit() and (p / "trainer_state.json").exists()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+# Fields of `TrainConfig` that a resumed run must share with its checkpoint: each one changes the weights.
+# `steps` may change (a run is extended with `--resume --steps N`) but not below the step already reached;
+# `log_every` and `save_every` are bookkeeping.
+RESUME_FIELDS = ("lr", "batch_size", "warmup_steps", "weight_decay", "grad_clip", "grad_accum", "seed", "dtype")
+
+
+def check_resume_config(saved: dict, now: TrainConfig, step: int, where: str | Path = "the checkpoint"):
+    "Raise a ValueError naming every field of `now` that differs from the `saved` `TrainConfig` dict in a way resume cannot honour."
+    now_d = now.to_dict()
+    diffs = [f"{k}: saved {saved[k]!r}, now {now_d[k]!r}" for k in RESUME_FIELDS if k in saved and saved[k] != now_d[k]]
+    if now.steps < step: diffs.append(f"steps: now {now.steps}, below the step {step} already reached")
+    if diffs:
+        raise ValueError(f"cannot resume from '{where}' with a different training config ({'; '.join(diffs)}): "
+                         "use the saved values, or start a new run in another folder")
 
 # %% ../nbs/00b_training.ipynb #b749f028
 class Trainer:
@@ -132,26 +155,32 @@ class Trainer:
     - `models`: name -> module; all are checkpointed (frozen ones too, so a checkpoint is complete).
     - `optimizer`: built by the caller over the parameters it wants trained.
     - `resume=True` continues from the latest checkpoint in `out_dir` (if any); `resume=False`
-      refuses an `out_dir` that already has checkpoints, so nothing written is lost.
+      refuses an `out_dir` that already has checkpoints, so nothing written is lost. The checkpoint's
+      `TrainConfig` must match `train` on `RESUME_FIELDS` (`steps` may grow).
+    - fp16 (`train.dtype`, resolved for `device`) trains with a `torch.amp.GradScaler`, checkpointed with the rest.
     """
     def __init__(self, models: dict[str, nn.Module], optimizer: torch.optim.Optimizer, train: TrainConfig,
                  out_dir: str | Path, *, emas: dict[str, EMA] | None = None, scheduler: str | None = "cosine",
                  resume: bool = False, device: str | torch.device = "cpu", desc: str = "train",
                  progress: bool = True, keep_last: int = 2):
         self.models, self.optimizer, self.train, self.emas = models, optimizer, train, emas or {}
+        if keep_last < 1: raise ValueError(f"keep_last must be >= 1 (checkpoints to keep), got {keep_last}")
         self.out_dir, self.device, self.desc, self.progress, self.keep_last = Path(out_dir), torch.device(device), desc, progress, keep_last
         self.scheduler = (warmup_cosine(optimizer, train.warmup_steps, train.steps) if scheduler == "cosine"
                           else torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0) if scheduler in (None, "constant")
                           else None)
         if self.scheduler is None: raise ValueError(f"unknown scheduler '{scheduler}': use 'cosine' or 'constant'")
         self.dtype = resolve_dtype(train.dtype, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
         self.step, self.history = 0, []
         existing = list_checkpoints(self.out_dir)
         if existing and not resume:
             raise FileExistsError(f"'{self.out_dir}' already holds checkpoints (latest {existing[-1].name}): "
                                   "pass resume=True (--resume) to continue, or choose another output folder")
         if existing:
-            state = load_checkpoint(existing[-1], models, optimizer, self.scheduler, self.emas)
+            saved = load_json(existing[-1] / "trainer_state.json")
+            check_resume_config(saved.get("train", {}), train, saved["step"], existing[-1])
+            state = load_checkpoint(existing[-1], models, optimizer, self.scheduler, self.emas, self.scaler)
             self.step, self.history = state["step"], state.get("history", [])
 
     def rng(self, step: int) -> random.Random:
@@ -163,7 +192,7 @@ class Trainer:
         path = self.out_dir / "checkpoints" / f"step-{self.step:06d}"
         if _rank() == 0:
             save_checkpoint(path, self.models, self.optimizer, self.scheduler,
-                            {"step": self.step, "history": self.history, "train": self.train.to_dict()}, self.emas)
+                            {"step": self.step, "history": self.history, "train": self.train.to_dict()}, self.emas, self.scaler)
             for old in list_checkpoints(self.out_dir)[:-self.keep_last]: shutil.rmtree(old)
         if torch.distributed.is_available() and torch.distributed.is_initialized(): torch.distributed.barrier()
         return path
@@ -171,7 +200,8 @@ class Trainer:
     def fit(self, step_fn: Callable[[int], dict], stop_at: int | None = None) -> list[dict]:
         """Train from the current step to `train.steps` (or stop early at `stop_at`, e.g. to show a
         resume). Returns the history: one dict of logged values every `log_every` steps."""
-        t, end = self.train, min(self.train.steps, stop_at or self.train.steps)
+        t = self.train
+        end = t.steps if stop_at is None else min(t.steps, stop_at)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         bar = tqdm(total=end, initial=self.step, desc=self.desc, disable=not self.progress or _rank() != 0,
                    dynamic_ncols=True, leave=False)
@@ -187,11 +217,16 @@ class Trainer:
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"{self.desc}: loss is {loss.item()} at step {self.step}; "
                                              f"the last checkpoint is in {self.out_dir / 'checkpoints'}")
-                (loss / t.grad_accum).backward()
+                if self.scaler is None: (loss / t.grad_accum).backward()
+                else: self.scaler.scale(loss / t.grad_accum).backward()
                 for k, v in out.items():
                     logs[k] = logs.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / t.grad_accum
+            if self.scaler is not None: self.scaler.unscale_(self.optimizer)        # clip the true gradients
             if t.grad_clip > 0: logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, t.grad_clip))
-            self.optimizer.step()
+            if self.scaler is None: self.optimizer.step()
+            else:                                           # skips the step when the gradients overflowed
+                logs["loss_scale"] = float(self.scaler.get_scale())
+                self.scaler.step(self.optimizer); self.scaler.update()
             self.scheduler.step()
             for name, e in self.emas.items(): e.update(_unwrap(self.models[name]))
             self.step += 1

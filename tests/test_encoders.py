@@ -195,3 +195,32 @@ def test_merge_tokens_errors():
     with pytest.raises(ValueError, match="square"):
         merge_tokens(torch.randn(1, 10, 4), 2)
     assert images_to_tensor(torch.zeros(3, 5, 5, dtype=torch.uint8)).shape == (1, 3, 5, 5)
+
+
+def test_num_tokens_counts_kept_prefix_tokens(towers):
+    "drop_cls=False keeps CLIP's CLS: num_tokens must say 257, as the output has; SigLIP has no prefix token."
+    for kind, prefix in (("clip", 1), ("siglip", 0)):
+        keep = VisionTower.from_pretrained(towers["root"] / kind, drop_cls=False)
+        assert "out=(256 + prefix, 32)" in keep.extra_repr()                # printing runs no forward pass
+        assert keep.num_tokens == 256 + prefix and keep.num_prefix_tokens == prefix
+        assert keep(keep.preprocess(torch.rand(2, 3, 64, 64))).shape == (2, keep.num_tokens, 32)
+    assert VisionTower.from_pretrained(towers["root"] / "clip").num_tokens == 256
+
+
+def test_tower_normalisation_override_and_remote_code_flag(towers):
+    enc = VisionTower.from_pretrained(towers["root"] / "siglip", image_mean=(0.5, 0.5, 0.5), image_std=(0.25, 0.25, 0.25))
+    assert (enc.image_mean, enc.image_std, enc.trust_remote_code) == ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), False)
+
+
+def test_toy_encoder_cache_counts_a_run_done_only_with_its_history(tmp_path):
+    "model.safetensors is written before history.json: a folder without the history is trained again."
+    from safetensors.torch import save_file
+    cfg = EncoderConfig(hidden_size=32, num_layers=1, num_heads=2)
+    a = pretrained_toy_encoder(cfg, steps=2, batch_size=2, cache=tmp_path, progress=False)
+    (folder,) = tmp_path.glob("toy_vit-*")
+    assert (folder / "history.json").exists()
+    (folder / "history.json").unlink()                                  # as if stopped between the two writes
+    save_file({k: torch.zeros_like(v) for k, v in a.state_dict().items()}, str(folder / "model.safetensors"))
+    b = pretrained_toy_encoder(cfg, steps=2, batch_size=2, cache=tmp_path, progress=False)
+    assert (folder / "history.json").exists()
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())   # retrained (seeded), not the zeros

@@ -293,3 +293,67 @@ def test_evaluate_real_suite(tmp_path):
     assert (tmp_path / 'run' / 'metrics.json').exists() and 'POPE' in (tmp_path / 'run' / 'report.md').read_text()
     with pytest.raises(ValueError, match='needs at least one'):
         evaluate(AlwaysYesModel(), 'real', out_dir=tmp_path / 'run2')
+
+
+# ---- review fixes: circular copies, option letters, stale samples, feature cache, 'no' ------------------
+def _official_mmbench(path, items):
+    "An MMBench TSV as the official files are: the rotated copies are rows already (index + k x 1e6, image a reference)."
+    cols = ['index', 'question', 'hint', 'A', 'B', 'C', 'D', 'answer', 'category', 'l2-category', 'image']
+    with open(path, 'w', newline='') as fh:
+        w = csv.writer(fh, delimiter='\t'); w.writerow(cols)
+        for i, it in enumerate(items):
+            for k, (opts, ans) in enumerate(circular_variants(it['options'], it['answer'])):
+                w.writerow([i + k * 1_000_000, it['question'], 'nan', *opts, ans, it['qtype'], 'toy',
+                            _b64(render(it['scene'])) if k == 0 else str(i)])
+    return path
+
+
+def test_mmbench_file_with_circular_copies_is_not_rotated_again(tmp_path, suite):
+    items = suite.mmbench[:3]
+    tsv = _official_mmbench(tmp_path / 'dev.tsv', items)
+    s = mmbench_predictions(_Constant('B'), tsv, tmp_path / 'pred.tsv', circular=True)
+    assert (s['rows'], s['written'], s['circular_copies']) == (12, 12, 'in the file')
+    idx = [int(r['index']) for r in csv.DictReader(open(tmp_path / 'pred.tsv'), delimiter='\t')]
+    assert len(idx) == len(set(idx)) == 12 and sorted(idx) == sorted(i + k * 1_000_000 for i in range(3) for k in range(4))
+    assert score_mmbench(tmp_path / 'pred.tsv')['n_questions'] == 3
+    # evaluate_real (which asks for circular=True) writes the same 12 rows
+    m = evaluate(_Constant('B'), 'real', out_dir=tmp_path / 'run', mmbench=tsv)
+    assert (m['mmbench']['written'], m['mmbench']['n_rows'], m['mmbench']['n_questions']) == (12, 12, 3)
+
+
+def test_read_mmbench_keeps_letters_of_options_after_an_empty_one(tmp_path):
+    from illume_ref.evaluate import read_mmbench
+    (tmp_path / 'm.tsv').write_text('index\tquestion\tA\tB\tC\tD\n0\tq\tx\tnan\tz\t\n1\tq\tx\ty\tNone\t\n')
+    rows = read_mmbench(tmp_path / 'm.tsv')
+    assert [r['options'] for _, r in rows] == [['x', '', 'z'], ['x', 'y']]
+    assert extract_choice('z', ['x', '', 'z']) == 'C' and extract_choice('', ['x', '', 'z']) is None
+
+
+def test_geneval_refuses_a_non_empty_folder_and_keeps_it(tmp_path, suite):
+    meta = toy_geneval_metadata(suite.geneval[:2])
+    (tmp_path / 'meta.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in meta))
+    geneval_samples(OracleModel(suite), tmp_path / 'meta.jsonl', tmp_path / 'out', n_samples=1)
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / 'out').rglob('*'))
+    with pytest.raises(FileExistsError, match=r"GenEval samples folder '.*out' is not empty"):
+        geneval_samples(BlankModel(), tmp_path / 'meta.jsonl', tmp_path / 'out', n_samples=1)
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / 'out').rglob('*')) == before
+    assert score_geneval_folder(tmp_path / 'out')['overall'] == 1.0              # the oracle's samples, untouched
+    (tmp_path / 'empty').mkdir()
+    assert geneval_samples(BlankModel(), tmp_path / 'meta.jsonl', tmp_path / 'empty', n_samples=1)['written'] == 2
+    (tmp_path / 'run' / 'geneval').mkdir(parents=True); (tmp_path / 'run' / 'geneval' / 'old.txt').write_text('x')
+    with pytest.raises(FileExistsError, match='is not empty'):
+        evaluate(AlwaysYesModel(), 'real', out_dir=tmp_path / 'run', geneval=tmp_path / 'meta.jsonl')
+    assert not (tmp_path / 'run' / 'metrics.json').exists()
+
+
+def test_feature_cache_is_tied_to_the_encoder_object(suite, encoder):
+    images = [suite.render(it['scene']) for it in suite.fid[:3]]
+    suite.cache[('probe', id(encoder))] = (object(), np.zeros((1, 1, 1)))     # what a freed object with this id left
+    f = suite.features('probe', encoder, images)
+    assert f.shape[0] == 3 and suite.cache[('probe', id(encoder))][0] is encoder
+    assert suite.features('probe', encoder, images) is f                          # a real hit is reused
+    del suite.cache[('probe', id(encoder))]
+
+
+def test_no_is_not_zero():
+    assert [normalize_answer(t) for t in ['No', 'no.', 'none', 'zero', 'No, none']] == ['no', 'no', '0', '0', 'no 0']

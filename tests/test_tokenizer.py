@@ -13,7 +13,7 @@ from illume_ref.config import EncoderConfig, QuantizerConfig, TokenizerConfig, g
 from illume_ref.encoders import ToyViT, VisionTower
 from illume_ref.tokenizer import (FeatureDecoder, ReconstructionTokenizer, SemanticVisionTokenizer, code_probe,
                                   evaluate_tokenizer, held_out_images, load_tokenizer, toy_images, train_tokenizer)
-from illume_ref.toyworld import render, sample_scene
+from illume_ref.toyworld import COLORS, PALETTE, render, sample_scene
 
 transformers.logging.set_verbosity_error()
 
@@ -168,11 +168,31 @@ def test_training_learns_and_keeps_encoder_frozen(encoder, tmp_path):
     assert all(torch.equal(before[k], v) for k, v in tok.encoder.state_dict().items())
 
 
+class _ColourCodes:
+    "Stands in for a tokenizer whose code for a patch is the palette colour covering most of it (0: background)."
+    image_size, grid = 64, 8
+
+    def __init__(self, constant=False): self.constant, self.num_codes = constant, len(COLORS) + 1
+
+    def encode(self, images):
+        B = images.shape[0]
+        if self.constant: return torch.zeros(B, 64, dtype=torch.long)
+        pal = torch.tensor([PALETTE[c] for c in COLORS], dtype=torch.float32) / 255        # (K, 3)
+        match = (images.permute(0, 2, 3, 1)[..., None, :] - pal).abs().sum(-1) < 0.02      # (B, S, S, K)
+        counts = match.float().reshape(B, 8, 8, 8, 8, len(COLORS)).sum((2, 4))            # (B, gy, gx, K)
+        return torch.where(counts.sum(-1) > 0, counts.argmax(-1) + 1, 0).reshape(B, 64)
+
+
 def test_code_probe_reads_the_codes(encoder):
-    tok = pixel(num_codes=16)
-    res = code_probe(tok, num_train=30, num_test=20, steps=5)
+    res = code_probe(pixel(num_codes=16), num_train=30, num_test=20, steps=5)
     assert set(res) == {"patch_shape", "patch_color", "object_shape", "object_color", "object_cell", "count"}
     assert all(0 <= v <= 1 for v in res.values())
+    # codes that name each patch's colour: the colour probes must read them (majority class is ~0.1-0.15);
+    # codes that say nothing: no probe can beat the majority class by much
+    told = code_probe(_ColourCodes(), num_train=120, num_test=60, steps=50)
+    blind = code_probe(_ColourCodes(constant=True), num_train=120, num_test=60, steps=50)
+    assert told["patch_color"] > 0.95 and told["object_color"] > 0.95, told
+    assert blind["patch_color"] < 0.3 and blind["object_color"] < 0.3, blind
 
 
 def test_full_preset_on_meta():
@@ -234,6 +254,8 @@ def test_hf_tower_is_referenced_by_path(tmp_path, images):
     tok.save_pretrained(tmp_path / "tok")
     saved = json.loads((tmp_path / "tok" / "config.json").read_text())
     assert saved["encoder"]["kind"] == "hf" and saved["encoder"]["select_layer"] == -2
+    assert (saved["encoder"]["image_mean"], saved["encoder"]["image_std"]) == (list(enc.image_mean), list(enc.image_std))
+    assert saved["encoder"]["trust_remote_code"] is False
     assert not (tmp_path / "tok" / "encoder").exists()                      # not copied: referenced
     back = load_tokenizer(tmp_path / "tok")
     assert back.encoder.select_layer == -2 and torch.equal(back.encode(images), tok.encode(images))
@@ -244,3 +266,31 @@ def test_hf_tower_is_referenced_by_path(tmp_path, images):
     with pytest.raises(ValueError, match="pass encoder="):
         load_tokenizer(tmp_path / "mem")
     assert load_tokenizer(tmp_path / "mem", encoder=mem.encoder).num_codes == 16
+
+
+def test_hf_tower_normalisation_is_saved_with_the_tokenizer(tmp_path, images):
+    "A tower loaded with its own image_mean / image_std gets them back from the tokenizer folder."
+    torch.manual_seed(0)
+    CLIPVisionModel(CLIPVisionConfig(image_size=64, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4)).save_pretrained(tmp_path / "clip")
+    enc = VisionTower.from_pretrained(tmp_path / "clip", image_mean=(0.1, 0.2, 0.3), image_std=(0.4, 0.5, 0.6))
+    tok = SemanticVisionTokenizer(enc, QuantizerConfig(num_codes=16, kmeans_init=False), TokenizerConfig(tokens_per_image=64)).eval()
+    tok.save_pretrained(tmp_path / "tok")
+    back = load_tokenizer(tmp_path / "tok")
+    assert (back.encoder.image_mean, back.encoder.image_std) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+    assert torch.equal(back.encode(images), tok.encode(images))
+
+
+def test_tokenizer_cache_counts_a_run_done_only_with_its_history(tmp_path):
+    "save_pretrained writes model.safetensors before train_tokenizer writes history.json: without it, the run is finished again."
+    from safetensors.torch import load_file, save_file
+    from illume_ref.tokenizer import pretrained_toy_tokenizer, toy_tokenizer_dir
+    cfg = get_config("toy").override(TINY)
+    a = pretrained_toy_tokenizer(cfg, "reconstruction", steps=2, cache=tmp_path, progress=False)
+    folder = toy_tokenizer_dir(cfg, "reconstruction", 2, tmp_path)
+    weights = load_file(str(folder / "model.safetensors"))
+    (folder / "history.json").unlink()                                  # as if stopped between the two writes
+    save_file({k: torch.zeros_like(v) for k, v in weights.items()}, str(folder / "model.safetensors"))
+    b = pretrained_toy_tokenizer(cfg, "reconstruction", steps=2, cache=tmp_path, progress=False)
+    assert (folder / "history.json").exists()
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())   # from the checkpoint, not the zeros

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -24,15 +25,102 @@ def build(out, resume=False, steps=10, seed=3):
     return tr, model, step_fn
 
 
+def _assert_same(x, y, where=""):
+    "Recursive equality of (nested) state dicts: tensors bit for bit."
+    if torch.is_tensor(x):
+        assert torch.is_tensor(y) and x.dtype == y.dtype and torch.equal(x, y), where
+    elif isinstance(x, dict):
+        assert x.keys() == y.keys(), where
+        for k in x: _assert_same(x[k], y[k], f"{where}.{k}")
+    elif isinstance(x, (list, tuple)):
+        assert len(x) == len(y), where
+        for i, (u, v) in enumerate(zip(x, y)): _assert_same(u, v, f"{where}[{i}]")
+    else:
+        assert x == y, (where, x, y)
+
+
 def test_resume_is_bit_identical(tmp_path):
-    tr, a, fn = build(tmp_path / "a"); tr.fit(fn)
+    straight, a, fn = build(tmp_path / "a"); straight.fit(fn)
     tr, _, fn = build(tmp_path / "b"); tr.fit(fn, stop_at=7)
     tr, b, fn = build(tmp_path / "b", resume=True)
     assert tr.step == 6
     tr.fit(fn)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    _assert_same(straight.emas["model"].shadow, tr.emas["model"].shadow, "ema")
+    _assert_same(straight.optimizer.state_dict(), tr.optimizer.state_dict(), "optimizer")
+    _assert_same(straight.scheduler.state_dict(), tr.scheduler.state_dict(), "scheduler")
+    assert tr.history == straight.history and len(tr.history) == 10
     state = load_checkpoint(list_checkpoints(tmp_path / "a")[-1], {"model": a})
     assert state["step"] == 10 and len(state["history"]) == 10
+    assert state["history"] == straight.history
+
+
+def test_resume_refuses_a_changed_config_but_lets_steps_grow(tmp_path):
+    tr, _, fn = build(tmp_path / "r", steps=6); tr.fit(fn)                 # checkpoints at 3 and 6
+    with pytest.raises(ValueError, match=r"seed: saved 3, now 4"):
+        build(tmp_path / "r", resume=True, steps=6, seed=4)
+    cfg = TrainConfig(lr=1e-3, steps=6, batch_size=2, save_every=3, log_every=1, warmup_steps=2, seed=3, grad_accum=2)
+    with pytest.raises(ValueError) as e:
+        Trainer({"model": nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.3), nn.Linear(8, 1))},
+                torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1e-3), cfg, tmp_path / "r", resume=True, progress=False)
+    for part in ("lr: saved 0.01, now 0.001", "batch_size: saved 4, now 2", "grad_accum: saved 1, now 2", "step-000006"):
+        assert part in str(e.value)
+    with pytest.raises(ValueError, match="steps: now 5, below the step 6 already reached"):
+        build(tmp_path / "r", resume=True, steps=5)
+    tr, _, fn = build(tmp_path / "r", resume=True, steps=8)               # extending a run is fine
+    assert tr.step == 6 and tr.fit(fn)[-1]["step"] == 8
+
+
+def test_stop_at_zero_keep_last_and_checkpoint_order(tmp_path):
+    tr, _, fn = build(tmp_path / "z")
+    tr.fit(fn, stop_at=0)
+    assert tr.step == 0 and list_checkpoints(tmp_path / "z") == []
+    with pytest.raises(ValueError, match="keep_last must be >= 1"):
+        Trainer({"m": nn.Linear(1, 1)}, torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1), TrainConfig(),
+                tmp_path / "k", keep_last=0)
+    for n in (1_000_000, 999_999, 12):
+        save_checkpoint(tmp_path / "o" / "checkpoints" / f"step-{n:06d}", {"m": nn.Linear(1, 1)}, state={"step": n})
+    (tmp_path / "o" / "checkpoints" / "step-notes").mkdir()
+    assert [c.name for c in list_checkpoints(tmp_path / "o")] == ["step-000012", "step-999999", "step-1000000"]
+
+
+def build16(out, resume=False, steps=6, overflow_at=0):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.3), nn.Linear(8, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    cfg = TrainConfig(lr=1e-2, steps=steps, batch_size=4, save_every=2, log_every=1, seed=3, dtype="fp16")
+    tr = Trainer({"model": model}, opt, cfg, out, resume=resume, progress=False)
+
+    def step_fn(step):
+        x = torch.tensor([[tr.rng(step).random() for _ in range(3)] for _ in range(4)])
+        loss = ((model(x) - x.sum(1, keepdim=True)) ** 2).mean()
+        return {"loss": loss * 1e35 if step == overflow_at else loss}   # finite, but overflows once scaled
+    return tr, model, step_fn
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")   # after the skipped step 0
+def test_fp16_uses_a_grad_scaler_and_resumes_exactly(tmp_path):
+    "core.autocast keeps the CPU in fp32, so this checks the scaler bookkeeping (skip, backoff, checkpoint, resume)."
+    a, ma, fa = build16(tmp_path / "a")
+    assert isinstance(a.scaler, torch.amp.GradScaler) and build(tmp_path / "fp32")[0].scaler is None
+    before = [p.detach().clone() for p in ma.parameters()]
+    a.fit(fa, stop_at=1)
+    assert all(torch.equal(p, q) for p, q in zip(before, ma.parameters()))   # the overflowing step was skipped
+    assert a.scaler.get_scale() == 2.0 ** 15
+    a.fit(fa)
+    assert [h["loss_scale"] for h in a.history] == [2.0 ** 16] + [2.0 ** 15] * 5
+    assert (list_checkpoints(tmp_path / "a")[-1] / "scaler.pt").exists()
+    b, _, fb = build16(tmp_path / "b"); b.fit(fb, stop_at=3)
+    b, mb, fb = build16(tmp_path / "b", resume=True)
+    assert b.step == 2 and b.scaler.get_scale() == 2.0 ** 15                # restored from scaler.pt
+    b.fit(fb)
+    assert all(torch.equal(p, q) for p, q in zip(ma.parameters(), mb.parameters()))
+    _assert_same(a.scaler.state_dict(), b.scaler.state_dict(), "scaler")
+    _assert_same(a.optimizer.state_dict(), b.optimizer.state_dict(), "optimizer")
+    assert json.dumps(a.history) == json.dumps(b.history)                  # step 1's grad_norm is nan (overflow)
+    with pytest.raises(FileNotFoundError, match=r"no loss-scaler state \(scaler.pt\)"):
+        load_checkpoint(save_checkpoint(tmp_path / "ck", {"m": nn.Linear(1, 1)}, state={"step": 1}),
+                        {"m": nn.Linear(1, 1)}, scaler=torch.amp.GradScaler("cpu"))
 
 
 def test_a_different_seed_gives_different_weights(tmp_path):
