@@ -18,9 +18,9 @@ from typing import Any, Optional, Union
 import yaml
 
 # %% auto #0
-__all__ = ['PRESETS', 'ConfigError', 'ConfigBase', 'TrainConfig', 'ToyWorldConfig', 'EncoderConfig', 'QuantizerConfig',
-           'TokenizerConfig', 'DecoderConfig', 'LLMConfig', 'StageConfig', 'SelfEnhanceConfig', 'EvalConfig',
-           'IllumeRefConfig', 'get_config']
+__all__ = ['PREDICTION_TYPES', 'PRESETS', 'ConfigError', 'ConfigBase', 'TrainConfig', 'ToyWorldConfig', 'EncoderConfig',
+           'QuantizerConfig', 'TokenizerConfig', 'DecoderConfig', 'LLMConfig', 'StageConfig', 'SelfEnhanceConfig',
+           'EvalConfig', 'IllumeRefConfig', 'get_config']
 
 # %% ../nbs/00a_config.ipynb #12a315a7
 class ConfigError(ValueError):
@@ -324,6 +324,9 @@ class TokenizerConfig(ConfigBase):
                       f"{self.tokens_per_image} tokens do not form a square grid")
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")   # what a diffusion UNet predicts: noise, v, or x0
+
+
 @dataclass
 class DecoderConfig(ConfigBase):
     """The diffusion decoder (§3.1, notebook 05): semantic features -> pixels. `latent=False`
@@ -354,7 +357,7 @@ class DecoderConfig(ConfigBase):
         return self.image_size // self.vae_scale_factor if self.latent else self.image_size
 
     def validate(self):
-        self._require(self.prediction_type in ("epsilon", "v_prediction", "sample"), "prediction_type",
+        self._require(self.prediction_type in PREDICTION_TYPES, "prediction_type",
                       f"expected 'epsilon', 'v_prediction' or 'sample', got '{self.prediction_type}'")
         self._require(self.spatial_channels is None or self.spatial_channels >= 0, "spatial_channels",
                       f"must be >= 0 (or None for the default), got {self.spatial_channels}")

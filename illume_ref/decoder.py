@@ -9,7 +9,6 @@ import copy
 import hashlib
 import json
 import math
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -27,16 +26,16 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .config import DecoderConfig, IllumeRefConfig
+from .config import PREDICTION_TYPES, DecoderConfig, IllumeRefConfig
 from .training import EMA
 
 # %% auto #0
-__all__ = ['PREDICTION_TYPES', 'PIXEL_PATCH_SIZE', 'SPATIAL_CHANNELS', 'SAMPLE_LOSS_CAP', 'ConditionProjector',
-           'unet_block_types', 'build_unet', 'adapt_cross_attention', 'add_input_channels', 'build_vae',
-           'noise_schedule', 'sampling_scheduler', 'resolve_decoder_config', 'check_images', 'images_to_sample',
-           'sample_to_images', 'DiffusionDecoder', 'IllumeDecoderPipeline', 'WarmupEMA', 'render_scenes', 'toy_scenes',
-           'held_out_scenes', 'seen_in_training', 'oracle_rates', 'decode_scenes', 'evaluate_decoder', 'train_decoder',
-           'pretrained_toy_decoder', 'bench_decoder', 'format_bench_decoder']
+__all__ = ['PIXEL_PATCH_SIZE', 'SPATIAL_CHANNELS', 'SAMPLE_LOSS_CAP', 'ConditionProjector', 'unet_block_types', 'build_unet',
+           'adapt_cross_attention', 'add_input_channels', 'build_vae', 'noise_schedule', 'sampling_scheduler',
+           'resolve_decoder_config', 'check_images', 'images_to_sample', 'sample_to_images', 'DiffusionDecoder',
+           'IllumeDecoderPipeline', 'WarmupEMA', 'render_scenes', 'toy_scenes', 'held_out_scenes', 'seen_in_training',
+           'oracle_rates', 'decode_scenes', 'evaluate_decoder', 'train_decoder', 'pretrained_toy_decoder',
+           'bench_decoder', 'format_bench_decoder']
 
 # %% ../nbs/05_decoder.ipynb #a3fef292
 class ConditionProjector(ModelMixin, ConfigMixin):
@@ -166,17 +165,12 @@ def build_vae(cfg: DecoderConfig) -> AutoencoderKL:
                          layers_per_block=2, sample_size=cfg.image_size)
 
 # %% ../nbs/05_decoder.ipynb #fc1feb7d
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-
-
 def noise_schedule(cfg: DecoderConfig, prediction_type: str | None = None) -> DDPMScheduler:
     """The training noise schedule: Stable Diffusion's `scaled_linear` betas in latent space (what a pretrained
     SD UNet was trained with), the cosine schedule (`squaredcos_cap_v2`) in pixel space. The UNet predicts
-    `prediction_type` (default `cfg.prediction_type`): the noise, v, or the clean sample itself."""
-    prediction_type = prediction_type or cfg.prediction_type
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"unknown prediction_type '{prediction_type}': expected one of {', '.join(PREDICTION_TYPES)}")
-    common = dict(num_train_timesteps=cfg.num_train_timesteps, prediction_type=prediction_type)
+    `prediction_type` (default `cfg.prediction_type`; checked by the config): the noise, v, or the clean sample itself."""
+    if prediction_type: cfg = cfg.replace(prediction_type=prediction_type)
+    common = dict(num_train_timesteps=cfg.num_train_timesteps, prediction_type=cfg.prediction_type)
     if cfg.latent:
         return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, **common)
     return DDPMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=True, clip_sample_range=1.0, **common)
@@ -203,10 +197,7 @@ def resolve_decoder_config(config: DecoderConfig, spatial_channels: int | None =
     `SPATIAL_CHANNELS` in pixel space and 0 in latent space) and `prediction_type` (argument, else the config's)."""
     if spatial_channels is None: spatial_channels = config.spatial_channels
     if spatial_channels is None: spatial_channels = 0 if config.latent else SPATIAL_CHANNELS
-    prediction_type = prediction_type or config.prediction_type
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"unknown prediction_type '{prediction_type}': expected one of {', '.join(PREDICTION_TYPES)}")
-    return config.replace(spatial_channels=spatial_channels, prediction_type=prediction_type)
+    return config.replace(spatial_channels=spatial_channels, prediction_type=prediction_type or config.prediction_type)
 
 
 def check_images(images, image_size: int) -> torch.Tensor:
@@ -532,14 +523,16 @@ def evaluate_decoder(pipe: IllumeDecoderPipeline, tokenizer, num_images: int = 2
 # %% ../nbs/05_decoder.ipynb #5da0e206
 def train_decoder(cfg: IllumeRefConfig, tokenizer, out_dir: str | Path, resume: bool = False, steps: int | None = None,
                   progress: bool = True, device=None, stop_at: int | None = None, eval_images: int = 200,
-                  spatial_channels: int | None = None, prediction_type: str | None = None) -> tuple[IllumeDecoderPipeline, dict]:
+                  spatial_channels: int | None = None, prediction_type: str | None = None,
+                  keep_last: int = 2) -> tuple[IllumeDecoderPipeline, dict]:
     """Train the diffusion decoder of `cfg.decoder` (`steps` overrides `cfg.decoder.train.steps`) to turn
     `tokenizer.decode_features(tokenizer.encode(images))` back into the images, on fresh toy scenes every step
     (rendered at the tokenizer's size for the codes, at `decoder.image_size` for the target). Uses the shared
     `Trainer`: progress bar, warm-up + cosine LR, checkpoints under `out_dir/checkpoints`, exact `resume`. At the end
     the sampling pipeline (EMA weights when `use_ema`) is saved to `out_dir/pipeline`, and the held-out oracle rates
     (`eval_images` scenes; 0 skips them) and the history to `out_dir/history.json`. `stop_at` stops early as if
-    interrupted (nothing final is saved). `spatial_channels` and `prediction_type` override `cfg.decoder`'s.
+    interrupted (nothing final is saved). `spatial_channels` and `prediction_type` override `cfg.decoder`'s;
+    `keep_last` checkpoints are kept.
     Returns `(pipeline, history)`."""
     from illume_ref.core import get_device, save_json, seed_everything
     from illume_ref.training import Trainer
@@ -556,7 +549,7 @@ def train_decoder(cfg: IllumeRefConfig, tokenizer, out_dir: str | Path, resume: 
     optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=(0.9, 0.99))
     emas = {k: WarmupEMA(m, dcfg.ema_decay) for k, m in models.items()} if dcfg.use_ema else None
     trainer = Trainer(models, optimizer, train, out_dir, emas=emas, resume=resume, device=device,
-                      desc="diffusion decoder", progress=progress)
+                      desc="diffusion decoder", progress=progress, keep_last=keep_last)
     antialias = bool(cfg.world.antialias)
 
     def step_fn(step: int) -> dict:
@@ -604,8 +597,7 @@ def pretrained_toy_decoder(cfg: IllumeRefConfig, tokenizer, steps: int | None = 
     folder = Path(cache or cache_dir()) / f"decoder-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
     if not (folder / "history.json").exists():                     # written last: the run finished
         train_decoder(cfg.replace(decoder=dcfg), tokenizer, folder, resume=True, progress=progress, device=device,
-                      eval_images=eval_images)
-        for old in sorted((folder / "checkpoints").glob("step-*"))[:-1]: shutil.rmtree(old)
+                      eval_images=eval_images, keep_last=1)
     pipe = IllumeDecoderPipeline.from_pretrained(folder / "pipeline")
     pipe.set_progress_bar_config(disable=True)
     return pipe, load_json(folder / "history.json")

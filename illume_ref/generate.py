@@ -13,13 +13,14 @@ from typing import Callable, Sequence
 
 import torch
 
+from .model import positions
 from .vocab import TASK_PROMPTS, VisualVocab
 
 # %% auto #0
-__all__ = ['PARTS', 'row_generators', 'filter_logits', 'sample_tokens', 'left_pad', 'positions', 'decode_loop',
-           'sample_image_codes', 'prompt_ids', 'image_prompts', 'generate_image_codes', 'edit_image_codes',
-           'code_mosaic', 'pixel_decoder', 'run_decode', 'generate_images', 'edit', 'chat_batch', 'decode_text', 'chat',
-           'IllumeSystem', 'ImageSpanLogitsProcessor', 'bench_generate', 'format_bench_generate', 'image_span_fits']
+__all__ = ['PARTS', 'row_generators', 'filter_logits', 'sample_tokens', 'left_pad', 'decode_loop', 'sample_image_codes',
+           'prompt_ids', 'image_prompts', 'generate_image_codes', 'edit_image_codes', 'code_mosaic', 'pixel_decoder',
+           'run_decode', 'generate_images', 'edit', 'chat_batch', 'decode_text', 'chat', 'IllumeSystem',
+           'ImageSpanLogitsProcessor', 'bench_generate', 'format_bench_generate', 'image_span_fits']
 
 # %% ../nbs/08_inference.ipynb #edabe5c7
 def row_generators(seed: int | None, rows: int, device='cpu') -> list[torch.Generator] | None:
@@ -65,11 +66,6 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
             ids[i, L - len(r):] = torch.as_tensor(list(r), dtype=torch.long)
             mask[i, L - len(r):] = 1
     return ids, mask
-
-
-def positions(mask: torch.Tensor) -> torch.Tensor:
-    "Position ids from a left-padded mask: each row's first real token is position 0."
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 @torch.no_grad()

@@ -26,12 +26,17 @@ from .vocab import (IGNORE_INDEX, IMAGE_END, IMAGE_PLACEHOLDER, IMAGE_ROW, IMAGE
                               extend_model, extend_tokenizer, load_text_tokenizer)
 
 # %% auto #0
-__all__ = ['TEMPLATES', 'TASKS', 'VisionAdapter', 'IllumeConfig', 'IllumeOutput', 'IllumeForConditionalGeneration',
+__all__ = ['TEMPLATES', 'TASKS', 'positions', 'VisionAdapter', 'IllumeConfig', 'IllumeOutput', 'IllumeForConditionalGeneration',
            'llama_config_for', 'build_language_model', 'illume_config_for', 'build_illume', 'save_illume',
            'load_illume', 'view_tensor', 'image_input_ids', 'tokenize_conversation', 'example_to_turns', 'collate',
            'select_grid', 'anyres_views', 'meta_illume']
 
 # %% ../nbs/07_mllm.ipynb #0c87a2b6
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    "Position ids `(B, L)` from a (left-)padded attention mask `(B, L)`: each row's first real token is position 0."
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+# %% ../nbs/07_mllm.ipynb #ee55abd3
 class VisionAdapter(nn.Sequential):
     "The vision adapter (§3.2): a 2-layer MLP with GELU, encoder features (B, N, C) -> LLM inputs (B, N, H)."
     def __init__(self, in_dim: int, hidden: int, out_dim: int):
@@ -189,7 +194,7 @@ class IllumeForConditionalGeneration(PreTrainedModel):
         elif images is not None:
             raise ValueError("images are spliced in by embed_inputs; pass either inputs_embeds or input_ids + images")
         if position_ids is None and attention_mask is not None:     # left padding: count positions from each row's start
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1]:]
+            position_ids = positions(attention_mask)[:, -inputs_embeds.shape[1]:]
         out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                                   past_key_values=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep,
                                   **kwargs)

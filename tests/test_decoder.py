@@ -86,7 +86,7 @@ def test_loss_dropout_and_v_prediction():
     x = DiffusionDecoder.from_config(tiny_cfg().decoder, 16, 4, prediction_type='sample')
     assert x.pipeline().scheduler.config.prediction_type == 'sample'
     assert x.loss(torch.rand(2, 3, 64, 64), torch.randn(2, 4, 16))['loss'] > 0
-    with pytest.raises(ValueError, match="unknown prediction_type 'x0'"):
+    with pytest.raises(ValueError, match="expected 'epsilon', 'v_prediction' or 'sample', got 'x0'"):
         DiffusionDecoder.from_config(tiny_cfg().decoder, 16, 4, prediction_type='x0')
     with pytest.raises(ValueError, match=r'expected images of shape \(B, 3, 64, 64\), got \(2, 3, 32, 32\)'):
         dec.loss(torch.rand(2, 3, 32, 32), torch.randn(2, 4, 16))
