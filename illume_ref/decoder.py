@@ -473,10 +473,8 @@ def held_out_scenes(n: int, world=None, seed: int = 0) -> list:
 def seen_in_training(scenes, train, world=None) -> list[bool]:
     """For each scene, whether `train_decoder` with `TrainConfig` `train` (its seed, batch size and steps, one
     process) drew the very same scene (same objects in the same cells) at some step."""
-    from illume_ref.training import step_seed
-    import random
-    seen = {sc.key() for step in range(train.steps)
-            for sc in toy_scenes(random.Random(step_seed(train.seed, step)), train.batch_size, world)}
+    from illume_ref.training import step_rng
+    seen = {sc.key() for step in range(train.steps) for sc in toy_scenes(step_rng(train.seed, step), train.batch_size, world)}
     return [sc.key() in seen for sc in scenes]
 
 

@@ -21,13 +21,18 @@ from .config import TrainConfig
 from .core import autocast, load_json, resolve_dtype, save_json
 
 # %% auto #0
-__all__ = ['RESUME_FIELDS', 'step_seed', 'warmup_cosine', 'EMA', 'save_checkpoint', 'load_checkpoint', 'list_checkpoints',
-           'check_resume_config', 'Trainer']
+__all__ = ['RESUME_FIELDS', 'step_seed', 'step_rng', 'warmup_cosine', 'EMA', 'save_checkpoint', 'load_checkpoint',
+           'list_checkpoints', 'check_resume_config', 'Trainer']
 
 # %% ../nbs/00b_training.ipynb #de981691
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
     "A seed for step `step` of a run seeded `seed` on process `rank` (independent of earlier steps)."
     return (seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**63 - 1)
+
+
+def step_rng(seed: int, step: int, rank: int = 0) -> random.Random:
+    "The data generator of step `step` of a run seeded `seed` on process `rank` (what `Trainer.rng` hands out)."
+    return random.Random(step_seed(seed, step, rank))
 
 
 def _rank() -> int:
@@ -185,7 +190,7 @@ class Trainer:
 
     def rng(self, step: int) -> random.Random:
         "The data generator for `step` (the same before and after a resume)."
-        return random.Random(step_seed(self.train.seed, step, _rank()))
+        return step_rng(self.train.seed, step, _rank())
 
     def save(self) -> Path:
         "Checkpoint now (rank 0 only under torch.distributed); keeps the last `keep_last`."
