@@ -471,10 +471,11 @@ def held_out_scenes(n: int, world=None, seed: int = 0) -> list:
 
 
 def seen_in_training(scenes, train, world=None) -> list[bool]:
-    """For each scene, whether `train_decoder` with `TrainConfig` `train` (its seed, batch size and steps, one
-    process) drew the very same scene (same objects in the same cells) at some step."""
+    """For each scene, whether `train_decoder` with `TrainConfig` `train` (its seed, batch size, steps and gradient
+    accumulation, one process) drew the very same scene (same objects in the same cells) at some step."""
     from illume_ref.training import step_rng
-    seen = {sc.key() for step in range(train.steps) for sc in toy_scenes(step_rng(train.seed, step), train.batch_size, world)}
+    draws = range(train.steps * train.grad_accum)                 # Trainer.fit's step_fn arguments, micro-steps included
+    seen = {sc.key() for d in draws for sc in toy_scenes(step_rng(train.seed, d), train.batch_size, world)}
     return [sc.key() in seen for sc in scenes]
 
 
@@ -552,9 +553,10 @@ def train_decoder(cfg: IllumeRefConfig, tokenizer, out_dir: str | Path, resume: 
 
     def step_fn(step: int) -> dict:
         scenes = toy_scenes(trainer.rng(step), train.batch_size, cfg.world)
-        with torch.no_grad():
-            features = tokenizer.decode_features(tokenizer.encode(render_scenes(scenes, tokenizer.image_size, antialias)))
-        return decoder.loss(render_scenes(scenes, dcfg.image_size, antialias).to(device), features)
+        target = render_scenes(scenes, dcfg.image_size, antialias)
+        seen = target if tokenizer.image_size == dcfg.image_size else render_scenes(scenes, tokenizer.image_size, antialias)
+        with torch.no_grad(): features = tokenizer.decode_features(tokenizer.encode(seen))
+        return decoder.loss(target.to(device), features)
 
     start = time.time()
     trainer.fit(step_fn, stop_at=stop_at)

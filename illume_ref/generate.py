@@ -175,12 +175,15 @@ def _codes_for(model, tokenizer, conditions, cfg_scale, temperature, top_k, top_
     vocab = model.visual_vocab
     if num_images < 1: raise ValueError(f"num_images must be at least 1, got {num_images}")
     if len(conditions) == 0: raise ValueError("got no prompts (or no images to edit): nothing to generate")
-    conditions = [c for c in conditions for _ in range(num_images)]
     rows, views = image_prompts(model, tokenizer, conditions, cfg_scale is not None, template, uncond)
     extra = vocab.image_length(N) - 1                   # <img_start> is in the prompt
     for r in rows: _check_fits(model, len(r), extra, "image generation")
-    embeds, mask = _embed_rows(model, tokenizer, rows, views)
-    gens = row_generators(seed, len(conditions), 'cpu') if temperature > 0 else None
+    embeds, mask = _embed_rows(model, tokenizer, rows, views)    # each prompt (and its images) embedded once ...
+    if num_images > 1:                                            # ... then copied: rows i * num_images + j
+        groups = 2 if cfg_scale is not None else 1                # (conditional rows, then unconditional rows)
+        embeds = torch.cat([e.repeat_interleave(num_images, 0) for e in embeds.chunk(groups)])
+        mask = torch.cat([m.repeat_interleave(num_images, 0) for m in mask.chunk(groups)])
+    gens = row_generators(seed, len(conditions) * num_images, 'cpu') if temperature > 0 else None
     return sample_image_codes(model.language_model, vocab, embeds, mask, N, cfg_scale, temperature, top_k, top_p,
                               gens, use_cache)
 

@@ -258,6 +258,8 @@ def test_seen_in_training_replays_the_draws():
     assert seen_in_training(step3, TrainConfig(steps=4, batch_size=2)) == [True, True]
     assert seen_in_training(step3, TrainConfig(steps=3, batch_size=2)) == [False, False]
     assert seen_in_training(step3, TrainConfig(steps=4, batch_size=2, seed=1)) != [True, True]
+    assert seen_in_training(step3, TrainConfig(steps=2, batch_size=2, grad_accum=2)) == [True, True]   # micro-step 3
+    assert seen_in_training(step3, TrainConfig(steps=1, batch_size=2, grad_accum=2)) == [False, False]
 
 
 def test_oracle_rates():

@@ -117,6 +117,10 @@ def test_batch_equals_one_by_one_and_seeds(toy):
     both = generate_image_codes(m, tok, PROMPTS, num_images=2, seed=5, **kw)
     one = torch.cat([generate_image_codes(m, tok, [p], num_images=2, seed=5 + 2 * i, **kw) for i, p in enumerate(PROMPTS)])
     assert both.shape == (4, 64) and torch.equal(both, one)
+    copies = [p for p in PROMPTS for _ in range(2)]             # num_images copies == the prompt written out twice
+    assert torch.equal(both, generate_image_codes(m, tok, copies, num_images=1, seed=5, **kw))
+    edits = edit_image_codes(m, tok, toy["images"][:1], ["make it red"], num_images=2, seed=3, **kw)
+    assert torch.equal(edits, edit_image_codes(m, tok, toy["images"][:1] * 2, ["make it red"] * 2, seed=3, **kw))
     assert torch.equal(both, generate_image_codes(m, tok, PROMPTS, num_images=2, seed=5, **kw))
     assert not torch.equal(both, generate_image_codes(m, tok, PROMPTS, num_images=2, seed=6, **kw))
     greedy = generate_image_codes(m, tok, PROMPTS, cfg_scale=3.0, temperature=0.0, seed=None)
