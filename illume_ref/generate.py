@@ -5,7 +5,6 @@
 # %% ../nbs/08_inference.ipynb #d30f8843
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .core import load_json, save_json
 from .model import positions
 from .vocab import TASK_PROMPTS, VisualVocab
 
@@ -52,8 +52,8 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 0.0, top_k: int | N
     if generators is None: return torch.multinomial(probs, 1).squeeze(-1)
     if len(generators) != len(probs):
         raise ValueError(f"got {len(generators)} generators for {len(probs)} rows")
-    return torch.cat([torch.multinomial(p[None].cpu() if g.device.type == 'cpu' else p[None], 1, generator=g).to(p.device)
-                      for p, g in zip(probs, generators)]).squeeze(-1)
+    src = probs.cpu() if generators[0].device.type == 'cpu' else probs     # one copy to the generators' device
+    return torch.cat([torch.multinomial(p[None], 1, generator=g) for p, g in zip(src, generators)]).squeeze(-1).to(probs.device)
 
 # %% ../nbs/08_inference.ipynb #b01242f8
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -435,7 +435,7 @@ class IllumeSystem:
         for name in ('vision_tokenizer', 'decoder'):
             part = getattr(self, name)
             if part is not None: part.save_pretrained(path / name); saved.append(name)
-        (path / 'system.json').write_text(json.dumps({'parts': saved, 'generation': self.generation_config}, indent=2) + '\n')
+        save_json({'parts': saved, 'generation': self.generation_config}, path / 'system.json')
         return path
 
     @classmethod
@@ -447,7 +447,7 @@ class IllumeSystem:
         if not (path / 'system.json').exists():
             found = sorted(p.name for p in path.iterdir())[:8] if path.is_dir() else 'the folder does not exist'
             raise FileNotFoundError(f"no ILLUME system at '{path}': system.json missing (found {found})")
-        meta = json.loads((path / 'system.json').read_text())
+        meta = load_json(path / 'system.json')
         has = lambda p: any((path / p / f).exists() for f in ('config.json', 'model_index.json'))
         missing = [p for p in meta['parts'] if not has(p)]
         if missing:

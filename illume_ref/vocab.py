@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from .config import LLMConfig
+from .core import load_json, save_json
 
 # %% auto #0
 __all__ = ['VICUNA_SYSTEM', 'ROLES', 'TASK_PROMPTS', 'EXTRA_PHRASES', 'TEXT_SPECIAL_TOKENS', 'CORPUS_VERSION', 'IMAGE_START',
@@ -273,8 +274,7 @@ class VisualVocab:
         "Write as JSON (a folder gets `visual_vocab.json`)."
         path = Path(path)
         if path.suffix != '.json': path = path / 'visual_vocab.json'
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + '\n')
+        save_json(self.to_dict(), path)
         return path
 
     @classmethod
@@ -282,7 +282,7 @@ class VisualVocab:
         path = Path(path)
         if path.suffix != '.json': path = path / 'visual_vocab.json'
         if not path.exists(): raise FileNotFoundError(f"no visual vocabulary at '{path}'")
-        return cls.from_dict(json.loads(path.read_text()))
+        return cls.from_dict(load_json(path))
 
 # %% ../nbs/06_vocab.ipynb #131e01d9
 def extend_tokenizer(tokenizer, num_codes: int, row_separator: bool = True) -> VisualVocab:
