@@ -123,9 +123,8 @@ class VisionTokenizer(nn.Module):
         return indices.long().to(self.device)
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
-        "Checked code indices (B, N) -> quantized vectors (B, N, dim), as `quantizer.lookup` (this one also works on the meta device)."
-        q = self.quantizer
-        return q.out_proj(F.embedding(self.check_indices(indices), q.get_codebook()))
+        "Checked code indices (B, N) -> quantized vectors (B, N, dim): `quantizer.lookup` after `check_indices`."
+        return self.quantizer.lookup(self.check_indices(indices))
 
     def check_features(self, features: torch.Tensor, what: str = 'features') -> torch.Tensor:
         "Raise a clear error unless `features` is a finite float `(B, N, C)` tensor with this tokenizer's N and C."
