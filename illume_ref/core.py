@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -19,9 +20,10 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['DEVICE_ORDER', 'DEVICE_PROBES', 'in_test', 'work_size', 'available_devices', 'select_device', 'get_device',
-           'seed_everything', 'default_dtype', 'resolve_dtype', 'autocast', 'new_run_dir', 'save_json', 'load_json',
-           'image_grid', 'show_images']
+__all__ = ['DEVICE_ORDER', 'DEVICE_PROBES', 'MIN_IMAGE_SIDE', 'in_test', 'work_size', 'available_devices', 'select_device',
+           'get_device', 'seed_everything', 'default_dtype', 'resolve_dtype', 'autocast', 'new_run_dir', 'atomic_write',
+           'atomic_dir', 'save_json', 'load_json', 'save_safetensors', 'load_safetensors', 'to_rgb8', 'open_image',
+           'pad_to_square', 'image_grid', 'show_images']
 
 # %% ../nbs/00_core.ipynb #a3f9aeca
 def in_test() -> bool:
@@ -155,19 +157,63 @@ def new_run_dir(path: str | Path, exist_ok: bool = False) -> Path:
     return candidate
 
 
-def save_json(obj: Any, path: str | Path, indent: int = 2) -> Path:
-    "Write `obj` as JSON to `path` atomically (temporary file + rename)."
+def _umask() -> int:
+    umask = os.umask(0); os.umask(umask)
+    return umask
+
+
+def _file_mode() -> int:
+    "The mode a plain `open(path, 'w')` gives a new file (0o666 less the umask): results stay readable by others."
+    return 0o666 & ~_umask()
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-8"):
+    """Write `path` through a temporary file in the same folder, renamed over `path` only when the block
+    finishes: a reader (or a crash) sees the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=indent, default=_json_default)
-            f.write("\n")
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
+            yield f
+            f.flush(); os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path):
+    """Build a folder under a temporary name beside `path` and move it into place when the block finishes.
+    `path` is then complete or absent (or, when it existed before, still the old one). Yields the
+    temporary folder: write everything there."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not path.is_dir(): raise NotADirectoryError(f"'{path}' exists and is not a folder")
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())             # mkdtemp makes 0o700; a plain mkdir would not
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None: shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_json(obj: Any, path: str | Path, indent: int = 2) -> Path:
+    "Write `obj` as JSON to `path` atomically (temporary file + rename), readable like any new file."
+    path = Path(path)
+    with atomic_write(path) as f:
+        json.dump(obj, f, indent=indent, default=_json_default)
+        f.write("\n")
     return path
 
 
@@ -189,6 +235,71 @@ def load_json(path: str | Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"malformed JSON in '{path}' at line {e.lineno}, column {e.colno}: {e.msg}") from None
+
+# %% ../nbs/00_core.ipynb #59b842b6
+def save_safetensors(tensors: dict, path: str | Path, metadata: dict | None = None) -> Path:
+    "Write `{name: tensor}` to a safetensors file atomically (contiguous CPU copies), readable like any new file."
+    from safetensors.torch import save
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+    with atomic_write(path, "wb") as f: f.write(data)
+    return Path(path)
+
+
+def load_safetensors(path: str | Path, device: str = "cpu") -> dict:
+    "`{name: tensor}` from a safetensors file, or an error naming the file when it is missing, truncated or not safetensors."
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"no such weights file: '{path}'")
+    try:
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"cannot read weights '{path}' ({path.stat().st_size} bytes): not a complete safetensors "
+                         f"file ({e})") from None
+
+# %% ../nbs/00_core.ipynb #5cc5c3f4
+MIN_IMAGE_SIDE = 8   # pixels: smaller files hold no picture a model could read
+
+
+def to_rgb8(im, background=(255, 255, 255)):
+    """A PIL image of any mode -> 8-bit RGB: high-bit-depth greyscale (`I;16*`, `I`, `F`) scaled by its
+    range, alpha (`RGBA`, `LA`, `PA`, `P` with transparency) composited over `background`."""
+    from PIL import Image
+    if im.mode.startswith('I;16') or im.mode in ('I', 'F'):
+        a = np.asarray(im, dtype=np.float64)
+        top = 1.0 if im.mode == 'F' and a.max() <= 1 else 65535.0 if a.max() <= 65535 else float(a.max())
+        im = Image.fromarray(np.round(np.clip(a / top, 0, 1) * 255).astype(np.uint8), 'L')
+    if im.mode in ('RGBA', 'LA', 'PA') or (im.mode == 'P' and 'transparency' in im.info):
+        rgba = im.convert('RGBA')
+        im = Image.alpha_composite(Image.new('RGBA', rgba.size, tuple(background) + (255,)), rgba)
+    return im.convert('RGB')
+
+
+def open_image(path: str | Path, background=(255, 255, 255), min_side: int = MIN_IMAGE_SIDE):
+    "An 8-bit RGB PIL image from the file `path` (see `to_rgb8`), or an error naming the file and the problem."
+    from PIL import Image, UnidentifiedImageError
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"no such image file: '{path}'")
+    try:
+        with Image.open(path) as im: im.load(); rgb = to_rgb8(im, background)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ValueError(f"cannot read image '{path}': {e}") from None
+    if min(rgb.size) < min_side:
+        raise ValueError(f"image '{path}' is {rgb.size[0]}x{rgb.size[1]} px: expected at least {min_side} px on each side")
+    return rgb
+
+
+def pad_to_square(im):
+    """A non-square PIL image centred on a square canvas filled with the median colour of its border (the
+    background of a scene); square images come back as they are."""
+    from PIL import Image
+    w, h = im.size
+    if w == h: return im
+    a = np.asarray(im.convert('RGB'))
+    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+    canvas = Image.new('RGB', (max(w, h),) * 2, tuple(int(c) for c in np.median(border, 0)))
+    canvas.paste(im.convert('RGB'), ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
+    return canvas
 
 # %% ../nbs/00_core.ipynb #bd5c1d1d
 def image_grid(images: Iterable, ncols: int | None = None, pad: int = 2, bg=(255, 255, 255)):

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import torch
 
 from .core import load_json, save_json
-from .model import positions
+from .model import cache_kwargs, output_cache, positions
 from .vocab import TASK_PROMPTS, VisualVocab
 
 # %% auto #0
@@ -81,13 +81,13 @@ def decode_loop(language_model, inputs_embeds: torch.Tensor, attention_mask: tor
         cache = DynamicCache(config=language_model.config)
     for t in range(steps):
         pos = positions(mask)[:, -x.shape[1]:]
-        out = language_model(inputs_embeds=x, attention_mask=mask, position_ids=pos, past_key_values=cache,
+        out = language_model(inputs_embeds=x, attention_mask=mask, position_ids=pos, **cache_kwargs(cache),
                              use_cache=use_cache, logits_to_keep=1)
         new = step(t, out.logits[:, -1])
         if new is None: return
         new_embeds = embed(new.to(x.device))
         mask = torch.cat([mask, mask.new_ones(new.shape)], 1)
-        if use_cache: cache, x = out.past_key_values, new_embeds
+        if use_cache: cache, x = output_cache(out), new_embeds
         else: full = x = torch.cat([full, new_embeds], 1)
 
 # %% ../nbs/08_inference.ipynb #49a2a055

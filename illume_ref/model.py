@@ -5,6 +5,7 @@
 # %% ../nbs/07_mllm.ipynb #a5d18dc4
 from __future__ import annotations
 
+import inspect
 import math
 import random
 import re
@@ -17,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 
 from .config import EncoderConfig, IllumeRefConfig, LLMConfig
@@ -26,15 +27,32 @@ from .vocab import (IGNORE_INDEX, IMAGE_END, IMAGE_PLACEHOLDER, IMAGE_ROW, IMAGE
                               extend_model, extend_tokenizer, load_text_tokenizer)
 
 # %% auto #0
-__all__ = ['TEMPLATES', 'TASKS', 'positions', 'VisionAdapter', 'IllumeConfig', 'IllumeOutput', 'IllumeForConditionalGeneration',
-           'llama_config_for', 'build_language_model', 'illume_config_for', 'build_illume', 'save_illume',
-           'load_illume', 'view_tensor', 'image_input_ids', 'tokenize_conversation', 'example_to_turns', 'collate',
-           'select_grid', 'anyres_views', 'meta_illume']
+__all__ = ['TEMPLATES', 'TASKS', 'positions', 'cache_kwargs', 'output_cache', 'VisionAdapter', 'IllumeConfig', 'IllumeOutput',
+           'IllumeForConditionalGeneration', 'llama_config_for', 'build_language_model', 'illume_config_for',
+           'build_illume', 'save_illume', 'load_illume', 'view_tensor', 'image_input_ids', 'tokenize_conversation',
+           'example_to_turns', 'collate', 'select_grid', 'anyres_views', 'meta_illume']
 
 # %% ../nbs/07_mllm.ipynb #0c87a2b6
 def positions(mask: torch.Tensor) -> torch.Tensor:
     "Position ids `(B, L)` from a (left-)padded attention mask `(B, L)`: each row's first real token is position 0."
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+# transformers 5.24 renamed the KV-cache keyword and output field `past_key_values` to `cache` (the old name
+# warns, and is removed in 5.40); earlier releases know only `past_key_values`. These two are the one place
+# that knows which name the installed release uses.
+_CACHE_KWARG = 'cache' if 'cache' in inspect.signature(LlamaForCausalLM.forward).parameters else 'past_key_values'
+
+
+def cache_kwargs(cache) -> dict:
+    "`{name: cache}` for a causal LM's forward, under the keyword the installed transformers expects."
+    return {_CACHE_KWARG: cache}
+
+
+def output_cache(out):
+    "The KV cache of a transformers model output, under either name (`cache` from 5.24 on, `past_key_values` before)."
+    cache = out.get('cache')
+    return cache if cache is not None else out.get('past_key_values')
 
 # %% ../nbs/07_mllm.ipynb #ee55abd3
 class VisionAdapter(nn.Sequential):
@@ -90,7 +108,7 @@ class IllumeOutput(ModelOutput):
     loss_text: torch.Tensor | None = None
     loss_visual: torch.Tensor | None = None
     num_targets: dict | None = None
-    past_key_values: Any = None
+    cache: Any = None
     hidden_states: Any = None
 
 
@@ -183,7 +201,7 @@ class IllumeForConditionalGeneration(PreTrainedModel):
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 images: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 tasks: Sequence[str] | None = None, inputs_embeds: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, past_key_values=None, use_cache: bool | None = None,
+                position_ids: torch.Tensor | None = None, cache=None, use_cache: bool | None = None,
                 logits_to_keep: int = 0, **kwargs) -> IllumeOutput:
         """Eq. 1 over interleaved sequences. `input_ids (B, L)` with `<image>` placeholders for the views in
         `images`, or `inputs_embeds` from `embed_inputs`; `labels (B, L)` with `IGNORE_INDEX` on positions without
@@ -196,9 +214,9 @@ class IllumeForConditionalGeneration(PreTrainedModel):
         if position_ids is None and attention_mask is not None:     # left padding: count positions from each row's start
             position_ids = positions(attention_mask)[:, -inputs_embeds.shape[1]:]
         out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                                  past_key_values=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep,
+                                  **cache_kwargs(cache), use_cache=use_cache, logits_to_keep=logits_to_keep,
                                   **kwargs)
-        result = IllumeOutput(logits=out.logits, past_key_values=out.past_key_values,
+        result = IllumeOutput(logits=out.logits, cache=output_cache(out),
                               hidden_states=getattr(out, 'hidden_states', None))
         if labels is not None:
             bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= out.logits.shape[-1]))

@@ -216,7 +216,7 @@ def test_cached_decoding_matches_full_forward(toy):
         out = m(inputs_embeds=m.embed_inputs(seq[:, :cut], img), use_cache=True)
         steps = [out.logits[:, -1]]
         for t in range(cut, cut + 6):
-            out = m(seq[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+            out = m(seq[:, t:t + 1], cache=out.cache, use_cache=True)
             steps.append(out.logits[:, -1])
     assert torch.allclose(torch.stack(steps, 1), full[:, cut - 1:cut + 6], atol=1e-4)
     assert m.visual_logits(full).shape[-1] == 64
