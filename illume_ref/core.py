@@ -186,10 +186,13 @@ def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | Path):
-    """Build a folder under a temporary name beside `path` and move it into place when the block finishes.
-    `path` is then complete or absent (or, when it existed before, still the old one). Yields the
-    temporary folder: write everything there."""
+def atomic_dir(path: str | Path, last: str = "config.json"):
+    """Build a saved folder under a temporary name beside `path`, then move it into place when the block
+    finishes; yields the temporary folder (write everything there). A new or empty `path` appears whole, by one
+    rename. Into a folder that already holds files (a run folder with its checkpoints), the new entries move
+    one by one, replacing same-named ones, with `last` (the file a reader checks first) removed before and
+    moved after all the others: a reader finds the saved model complete, or finds no `last`. On an error
+    nothing at `path` changes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and not path.is_dir(): raise NotADirectoryError(f"'{path}' exists and is not a folder")
@@ -197,15 +200,17 @@ def atomic_dir(path: str | Path):
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())             # mkdtemp makes 0o700; a plain mkdir would not
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None: shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+        if not path.exists() or not any(path.iterdir()):
+            if path.exists(): path.rmdir()
+            os.replace(tmp, path)
+            return
+        with contextlib.suppress(FileNotFoundError): (path / last).unlink()
+        for entry in sorted(tmp.iterdir(), key=lambda p: p.name == last):       # `last` moves last
+            dest = path / entry.name
+            if dest.is_dir() and not dest.is_symlink(): shutil.rmtree(dest)
+            os.replace(entry, dest)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_json(obj: Any, path: str | Path, indent: int = 2) -> Path:
