@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -13,6 +14,7 @@ import os
 import random
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -22,8 +24,8 @@ import torch
 # %% auto #0
 __all__ = ['DEVICE_ORDER', 'DEVICE_PROBES', 'MIN_IMAGE_SIDE', 'in_test', 'work_size', 'available_devices', 'select_device',
            'get_device', 'seed_everything', 'default_dtype', 'resolve_dtype', 'autocast', 'new_run_dir', 'atomic_write',
-           'atomic_dir', 'save_json', 'load_json', 'save_safetensors', 'load_safetensors', 'to_rgb8', 'open_image',
-           'pad_to_square', 'image_grid', 'show_images']
+           'atomic_dir', 'save_json', 'load_json', 'save_safetensors', 'load_safetensors', 'cache_dir', 'cache_key',
+           'cached_run_dir', 'cached_run', 'to_rgb8', 'open_image', 'pad_to_square', 'image_grid', 'show_images']
 
 # %% ../nbs/00_core.ipynb #a3f9aeca
 def in_test() -> bool:
@@ -261,6 +263,42 @@ def load_safetensors(path: str | Path, device: str = "cpu") -> dict:
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"cannot read weights '{path}' ({path.stat().st_size} bytes): not a complete safetensors "
                          f"file ({e})") from None
+
+# %% ../nbs/00_core.ipynb #6ac6569e
+def cache_dir() -> Path:
+    "Where trained toy components are kept between runs: `$ILLUME_REF_CACHE` or `~/.cache/illume_ref`."
+    return Path(os.environ.get("ILLUME_REF_CACHE") or Path.home() / ".cache" / "illume_ref")
+
+
+def cache_key(key: Any) -> str:
+    "A short, stable hash of a JSON-able description of a run (dict keys sorted)."
+    return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def cached_run_dir(name: str, key: Any, cache: str | Path | None = None) -> Path:
+    "The folder of the cached run `name` described by `key`: `cache/name-<cache_key(key)>`."
+    return Path(cache or cache_dir()) / f"{name}-{cache_key(key)}"
+
+
+def cached_run(name: str, key: Any, build: Callable[[Path], Any], load: Callable[[Path], Any],
+               cache: str | Path | None = None, marker: str = "history.json"):
+    """`load(folder)` of the cached run `folder = cache/name-<cache_key(key)>`, after `build(folder)` when the run
+    is not finished yet. `build` may find a half-done folder (and resume from its checkpoints); it writes
+    `marker` last. A folder with its marker that does not `load` is moved to `folder.broken-N` and built again."""
+    folder = cached_run_dir(name, key, cache)
+    if (folder / marker).exists():
+        try:
+            return load(folder)
+        except (ValueError, FileNotFoundError, OSError, KeyError, RuntimeError) as e:
+            n = 1
+            while (broken := folder.with_name(f"{folder.name}.broken-{n}")).exists(): n += 1
+            os.replace(folder, broken)
+            warnings.warn(f"the cached run '{folder}' has its {marker} but does not load ({e}); "
+                          f"moved it to '{broken}' and building it again")
+    build(folder)
+    if not (folder / marker).exists():
+        raise RuntimeError(f"building the cached run '{folder}' finished without writing its {marker}")
+    return load(folder)
 
 # %% ../nbs/00_core.ipynb #5cc5c3f4
 MIN_IMAGE_SIDE = 8   # pixels: smaller files hold no picture a model could read

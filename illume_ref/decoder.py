@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import math
 import time
 import warnings
@@ -26,7 +25,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .config import PREDICTION_TYPES, DecoderConfig, IllumeRefConfig
+from .config import DecoderConfig, IllumeRefConfig
+from .core import atomic_dir, cached_run, get_device, load_json, save_json, seed_everything
 from .training import EMA
 
 # %% auto #0
@@ -533,7 +533,6 @@ def train_decoder(cfg: IllumeRefConfig, tokenizer, out_dir: str | Path, resume: 
     interrupted (nothing final is saved). `spatial_channels` and `prediction_type` override `cfg.decoder`'s;
     `keep_last` checkpoints are kept.
     Returns `(pipeline, history)`."""
-    from illume_ref.core import get_device, save_json, seed_everything
     from illume_ref.training import Trainer
     dcfg = resolve_decoder_config(cfg.decoder, spatial_channels, prediction_type)
     train = dcfg.train if steps is None else dcfg.train.replace(steps=steps)
@@ -569,7 +568,7 @@ def train_decoder(cfg: IllumeRefConfig, tokenizer, out_dir: str | Path, resume: 
     pipe.set_progress_bar_config(disable=True)
     if trainer.step < train.steps: return pipe, history          # interrupted on purpose
     if eval_images: history["eval"] = evaluate_decoder(pipe, tokenizer, eval_images, world=cfg.world)
-    pipe.save_pretrained(Path(out_dir) / "pipeline")
+    with atomic_dir(Path(out_dir) / "pipeline", last="model_index.json") as tmp: pipe.save_pretrained(tmp)
     save_json(history, Path(out_dir) / "history.json")
     return pipe, history
 
@@ -587,20 +586,21 @@ def pretrained_toy_decoder(cfg: IllumeRefConfig, tokenizer, steps: int | None = 
                            prediction_type: str | None = None, eval_images: int = 200) -> tuple[IllumeDecoderPipeline, dict]:
     """`(pipeline, history)` of `train_decoder(cfg, tokenizer, steps=steps)`, loaded from the cache (`encoders.cache_dir()`)
     when that exact run (same world and decoder configs, same tokenizer weights) was done before, else trained there.
-    Only the checkpoint of the last step is kept (the decoder folders are ~70 MB per checkpoint)."""
-    from illume_ref.core import load_json
-    from illume_ref.encoders import cache_dir
+    Only the checkpoint of the last step is kept (the decoder folders are ~70 MB per checkpoint). A run counts as
+    done when its `history.json` (written last) is there and the pipeline loads back (`core.cached_run`)."""
     dcfg = resolve_decoder_config(cfg.decoder, spatial_channels, prediction_type)
     dcfg = dcfg.replace(train=dcfg.train.replace(steps=steps or dcfg.train.steps))
-    key = json.dumps({"world": cfg.world.to_dict(), "decoder": dcfg.to_dict(), "tokenizer": _fingerprint(tokenizer)},
-                     sort_keys=True, default=str)
-    folder = Path(cache or cache_dir()) / f"decoder-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
-    if not (folder / "history.json").exists():                     # written last: the run finished
+    key = {"world": cfg.world.to_dict(), "decoder": dcfg.to_dict(), "tokenizer": _fingerprint(tokenizer)}
+
+    def build(folder):
         train_decoder(cfg.replace(decoder=dcfg), tokenizer, folder, resume=True, progress=progress, device=device,
                       eval_images=eval_images, keep_last=1)
-    pipe = IllumeDecoderPipeline.from_pretrained(folder / "pipeline")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, load_json(folder / "history.json")
+
+    def load(folder):
+        pipe = IllumeDecoderPipeline.from_pretrained(folder / "pipeline")
+        pipe.set_progress_bar_config(disable=True)
+        return pipe, load_json(folder / "history.json")
+    return cached_run("decoder", key, build, load, cache=cache)
 
 # %% ../nbs/05_decoder.ipynb #b070f4f3
 def bench_decoder(steps=(10, 25, 50), batch_sizes=(1, 16), device="cpu", preset: str = "toy", repeats: int = 1,
@@ -609,7 +609,6 @@ def bench_decoder(steps=(10, 25, 50), batch_sizes=(1, 16), device="cpu", preset:
     one row per (steps, batch size) with `seconds` per batch, `seconds_per_image` and `images_per_second`
     (best of `repeats`, after one warm-up step)."""
     from illume_ref.config import get_config
-    from illume_ref.core import get_device
     cfg = get_config(preset)
     device = get_device(device)
     decoder = DiffusionDecoder.from_config(cfg.decoder, cfg.encoder.hidden_size * cfg.encoder.token_merge ** 2,

@@ -5,10 +5,8 @@
 # %% ../nbs/03_encoder.ipynb #55622702
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,14 +17,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from .config import EncoderConfig, ToyWorldConfig
-from .core import save_json, seed_everything
+from .config import EncoderConfig
+from .core import (atomic_dir, cached_run, load_json, load_safetensors, pad_to_square, save_json,
+                             save_safetensors, seed_everything)
 
 # %% auto #0
 __all__ = ['CLIP_MEAN', 'CLIP_STD', 'IMAGENET_MEAN', 'IMAGENET_STD', 'HALF_MEAN', 'HALF_STD', 'TOY_ARCH_FIELDS', 'merge_tokens',
            'images_to_tensor', 'SemanticEncoder', 'VisionTower', 'Block', 'ToyViT', 'toy_labels', 'toy_batch',
-           'ToyPretrainHeads', 'pretrain_toy_encoder', 'cache_dir', 'pretrained_toy_encoder', 'build_encoder',
-           'probe_data', 'probe_tasks', 'fit_linear_probe', 'linear_probe']
+           'ToyPretrainHeads', 'pretrain_toy_encoder', 'pretrained_toy_encoder', 'build_encoder', 'probe_data',
+           'probe_tasks', 'fit_linear_probe', 'linear_probe']
 
 # %% ../nbs/03_encoder.ipynb #610adcf1
 def merge_tokens(features: torch.Tensor, k: int = 2) -> torch.Tensor:
@@ -54,7 +53,8 @@ HALF_MEAN, HALF_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)   # SigLIP's, and the toy
 
 def images_to_tensor(images, image_size: int | None = None) -> torch.Tensor:
     """PIL image(s), an array or a tensor shaped (3, H, W) / (B, 3, H, W) -> float `(B, 3, H, W)` in [0, 1].
-    PIL images are converted to RGB and, when `image_size` is given, resized (bicubic) to it."""
+    PIL images are converted to RGB and, when `image_size` is given, resized (bicubic) to it; a non-square
+    picture is first centred on a square of its border colour (`core.pad_to_square`), never stretched."""
     if isinstance(images, Image.Image): images = [images]
     if isinstance(images, (list, tuple)):
         if len(images) == 0: raise ValueError("got an empty list of images")
@@ -63,7 +63,7 @@ def images_to_tensor(images, image_size: int | None = None) -> torch.Tensor:
             for im in images:
                 im = im.convert('RGB')
                 if image_size is not None and im.size != (image_size, image_size):
-                    im = im.resize((image_size, image_size), Image.BICUBIC)
+                    im = pad_to_square(im).resize((image_size, image_size), Image.BICUBIC)
                 arrays.append(np.asarray(im))
             if len({a.shape for a in arrays}) > 1:
                 raise ValueError(f"images of different sizes {sorted({a.shape[:2] for a in arrays})}: "
@@ -384,25 +384,27 @@ class ToyViT(SemanticEncoder):
         return self._finish(self.patch_features(pixel_values))
 
     def save_pretrained(self, path: str | Path) -> Path:
-        "Write `config.json` (the EncoderConfig) and `model.safetensors` into the folder `path`."
-        from safetensors.torch import save_file
-        path = Path(path); path.mkdir(parents=True, exist_ok=True)
-        cfg = self.config.to_dict() | {'kind': 'toy_vit', 'name_or_path': None}
-        (path / 'config.json').write_text(json.dumps({'architecture': 'ToyViT', 'config': cfg}, indent=2) + '\n')
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(path / 'model.safetensors'))
+        "Write `config.json` (the EncoderConfig) and `model.safetensors` into the folder `path`, complete or not at all."
+        path = Path(path)
+        with atomic_dir(path) as tmp: self.write_to(tmp)
         return path
+
+    def write_to(self, folder: Path):
+        "The files of `save_pretrained`, written into an existing `folder` (the weights first, `config.json` last)."
+        cfg = self.config.to_dict() | {'kind': 'toy_vit', 'name_or_path': None}
+        save_safetensors(self.state_dict(), folder / 'model.safetensors')
+        save_json({'architecture': 'ToyViT', 'config': cfg}, folder / 'config.json')
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config: EncoderConfig | None = None, device=None) -> 'ToyViT':
         """Load a ToyViT written by `save_pretrained`. With `config`, its architecture fields must match the
         saved ones, and its output settings (select_layer, token_merge) are used."""
-        from safetensors.torch import load_file
         path = Path(path).expanduser()
         if not (path / 'config.json').exists() or not (path / 'model.safetensors').exists():
             found = sorted(x.name for x in path.iterdir())[:8] if path.is_dir() else 'the folder does not exist'
             raise FileNotFoundError(f"no ToyViT at '{path}': expected config.json and model.safetensors "
                                     f"(written by ToyViT.save_pretrained), found {found}")
-        saved = json.loads((path / 'config.json').read_text())
+        saved = load_json(path / 'config.json')
         if saved.get('architecture') != 'ToyViT':
             raise ValueError(f"'{path}' holds a {saved.get('architecture') or saved.get('model_type') or 'unknown'} model, "
                              f"not a ToyViT; use VisionTower.from_pretrained for Hugging Face towers")
@@ -415,7 +417,7 @@ class ToyViT(SemanticEncoder):
             saved_cfg = saved_cfg.replace(select_layer=config.select_layer, token_merge=config.token_merge,
                                           drop_cls=config.drop_cls, freeze=config.freeze)
         model = cls(saved_cfg.replace(name_or_path=str(path)))
-        model.load_state_dict(load_file(str(path / 'model.safetensors')))
+        model.load_state_dict(load_safetensors(path / 'model.safetensors'))
         return model.to(device) if device is not None else model
 
     def extra_repr(self) -> str:
@@ -556,23 +558,19 @@ def pretrain_toy_encoder(config: EncoderConfig | None = None, steps: int = 200, 
     return out, history
 
 # %% ../nbs/03_encoder.ipynb #2c5fa66c
-def cache_dir() -> Path:
-    "Where trained toy components are kept between runs: `$ILLUME_REF_CACHE` or `~/.cache/illume_ref`."
-    return Path(os.environ.get('ILLUME_REF_CACHE') or Path.home() / '.cache' / 'illume_ref')
-
-
 def pretrained_toy_encoder(config: EncoderConfig | None = None, steps: int = 200, batch_size: int = 32, seed: int = 0,
                            cache: str | Path | None = None, progress: bool = True, **kwargs) -> ToyViT:
     """A ToyViT pretrained with `pretrain_toy_encoder`, loaded from the cache when that exact run was done before
     (else trained and saved there). The returned model uses `config`'s output settings and is in eval mode.
-    A run counts as done when its `history.json`, the last file written, is there."""
+    A run counts as done when its `history.json` (the last file written) is there and the model loads back
+    (`core.cached_run`). The device it trains on is not part of the key."""
     config = config if config is not None else EncoderConfig()
     arch = {f: getattr(config, f) for f in TOY_ARCH_FIELDS}
-    key = json.dumps({'arch': arch, 'steps': steps, 'batch_size': batch_size, 'seed': seed, **kwargs}, sort_keys=True, default=str)
-    folder = Path(cache or cache_dir()) / f"toy_vit-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
-    if not (folder / 'history.json').exists():                  # not model.safetensors: written before the history
-        pretrain_toy_encoder(config, steps=steps, batch_size=batch_size, seed=seed, out_dir=folder, progress=progress, **kwargs)
-    return ToyViT.from_pretrained(folder, config).eval()
+    key = {'arch': arch, 'steps': steps, 'batch_size': batch_size, 'seed': seed,
+           **{k: v for k, v in kwargs.items() if k != 'device'}}
+    build = lambda folder: pretrain_toy_encoder(config, steps=steps, batch_size=batch_size, seed=seed, out_dir=folder,
+                                                progress=progress, **kwargs)
+    return cached_run('toy_vit', key, build, lambda folder: ToyViT.from_pretrained(folder, config).eval(), cache=cache)
 
 
 def build_encoder(config: EncoderConfig, device=None, dtype: torch.dtype | None = None, **kwargs) -> SemanticEncoder:

@@ -5,7 +5,6 @@
 # %% ../nbs/04_tokenizer.ipynb #c78daa32
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -16,7 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import IllumeRefConfig, QuantizerConfig, TokenizerConfig, TrainConfig
+from .config import IllumeRefConfig, QuantizerConfig, TokenizerConfig
+from .core import atomic_dir, cached_run, cached_run_dir, load_json, load_safetensors, save_json, save_safetensors
 from .encoders import (Block, SemanticEncoder, ToyViT, VisionTower, build_encoder, images_to_tensor,
                                  pretrained_toy_encoder)
 from .quantizer import VectorQuantizer, perplexity
@@ -163,14 +163,18 @@ class VisionTokenizer(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith('encoder.')}
 
     def save_pretrained(self, path: str | Path) -> Path:
-        "Write `config.json` and `model.safetensors` (plus the encoder, where it has its own folder) into `path`."
-        from safetensors.torch import save_file
-        path = Path(path); path.mkdir(parents=True, exist_ok=True)
+        """Write `config.json` and `model.safetensors` (plus the encoder, where it has its own folder) into `path`:
+        the saved tokenizer is complete, or its `config.json` is absent (`core.atomic_dir`)."""
+        path = Path(path)
+        with atomic_dir(path) as tmp: self.write_to(tmp)
+        return path
+
+    def write_to(self, folder: Path):
+        "The files of `save_pretrained`, written into the existing `folder`."
         meta = {'architecture': self.architecture, 'num_codes': self.num_codes, 'tokens_per_image': self.tokens_per_image,
                 'feature_dim': self.feature_dim, 'image_size': self.image_size, **self.config_dict()}
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.own_state_dict().items()}, str(path / 'model.safetensors'))
-        (path / 'config.json').write_text(json.dumps(meta, indent=2) + '\n')
-        return path
+        save_safetensors(self.own_state_dict(), folder / 'model.safetensors')
+        save_json(meta, folder / 'config.json')
 
     def load_own_state(self, state: dict[str, torch.Tensor], where: str = 'the checkpoint'):
         "Load `own_state_dict` weights, naming the first mismatch (e.g. a checkpoint with another `num_codes`)."
@@ -193,7 +197,7 @@ class VisionTokenizer(nn.Module):
             found = sorted(x.name for x in path.iterdir())[:8] if path.is_dir() else 'the folder does not exist'
             raise FileNotFoundError(f"no {architecture} at '{path}': expected config.json and model.safetensors "
                                     f"(written by save_pretrained), found {found}")
-        saved = json.loads((path / 'config.json').read_text())
+        saved = load_json(path / 'config.json')
         if saved.get('architecture') != architecture:
             raise ValueError(f"'{path}' holds a {saved.get('architecture', 'unknown')} checkpoint, not a {architecture}; "
                              f"use load_tokenizer(path) to load any tokenizer")
@@ -288,27 +292,26 @@ class SemanticVisionTokenizer(VisionTokenizer):
         elif isinstance(enc, VisionTower):
             info = {'kind': 'hf', 'path': getattr(enc.tower, 'name_or_path', None) or getattr(enc.tower.config, '_name_or_path', None),
                     'select_layer': enc.select_layer, 'drop_cls': enc.drop_cls, 'token_merge': enc.token_merge,
-                    'image_size': enc.image_size, 'image_mean': list(enc.image_mean), 'image_std': list(enc.image_std),
-                    'trust_remote_code': bool(getattr(enc, 'trust_remote_code', False))}
+                    'image_size': enc.image_size, 'image_mean': list(enc.image_mean), 'image_std': list(enc.image_std)}
         else:
             info = {'kind': type(enc).__name__, 'path': None}
         info.update(num_tokens=enc.num_tokens, output_dim=enc.output_dim)
         return {'encoder': info, 'quantizer': self.quantizer_config.to_dict(), 'tokenizer': self.tokenizer_config.to_dict()}
 
-    def save_pretrained(self, path: str | Path) -> Path:
+    def write_to(self, folder: Path):
         """`config.json` + `model.safetensors` (quantizer and decoder); a toy ViT encoder is saved alongside
-        in `path/encoder`, an HF tower is referenced by its path or hub id."""
-        path = super().save_pretrained(path)
-        if isinstance(self.encoder, ToyViT): self.encoder.save_pretrained(path / 'encoder')
-        return path
+        in `folder/encoder`, an HF tower is referenced by its path or hub id."""
+        if isinstance(self.encoder, ToyViT): (folder / 'encoder').mkdir(); self.encoder.write_to(folder / 'encoder')
+        super().write_to(folder)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config: IllumeRefConfig | None = None,
-                        encoder: SemanticEncoder | None = None, device=None) -> 'SemanticVisionTokenizer':
+                        encoder: SemanticEncoder | None = None, device=None,
+                        trust_remote_code: bool = False) -> 'SemanticVisionTokenizer':
         """Load a tokenizer written by `save_pretrained`. `encoder`: use this (already loaded) encoder instead
         of the saved / referenced one (it must give the same N and C). `config`: check that its quantizer
-        and token grid match the checkpoint."""
-        from safetensors.torch import load_file
+        and token grid match the checkpoint. `trust_remote_code` is the caller's choice for this one load (as in
+        transformers): a saved folder never turns it on, so loading a folder runs no code from it."""
         path = Path(path).expanduser()
         saved = cls._read_config(path, cls.architecture)
         info = saved['encoder']
@@ -318,7 +321,7 @@ class SemanticVisionTokenizer(VisionTokenizer):
                 encoder = VisionTower.from_pretrained(info['path'], select_layer=info['select_layer'], drop_cls=info['drop_cls'],
                                                       token_merge=info['token_merge'], image_size=info['image_size'],
                                                       image_mean=info.get('image_mean'), image_std=info.get('image_std'),
-                                                      trust_remote_code=info.get('trust_remote_code', False))
+                                                      trust_remote_code=trust_remote_code)
             else:
                 raise ValueError(f"the tokenizer at '{path}' was saved with a {info['kind']} encoder that cannot be "
                                  f"reloaded from disk: pass encoder=... to from_pretrained")
@@ -326,7 +329,7 @@ class SemanticVisionTokenizer(VisionTokenizer):
             raise ValueError(f"the encoder gives ({encoder.num_tokens} tokens, {encoder.output_dim} dims), but the tokenizer "
                              f"at '{path}' was trained on ({info['num_tokens']}, {info['output_dim']})")
         tok = cls(encoder, QuantizerConfig.from_dict(saved['quantizer']), TokenizerConfig.from_dict(saved['tokenizer']))
-        tok.load_own_state(load_file(str(path / 'model.safetensors')), where=f"the checkpoint '{path}'")
+        tok.load_own_state(load_safetensors(path / 'model.safetensors'), where=f"the checkpoint '{path}'")
         tok.check_against(config, where=f"the tokenizer at '{path}'")
         tok.eval()
         return tok.to(device) if device is not None else tok
@@ -465,15 +468,16 @@ class ReconstructionTokenizer(VisionTokenizer):
                 'tokenizer': self.tokenizer_config.to_dict()}
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, config: IllumeRefConfig | None = None, device=None) -> 'ReconstructionTokenizer':
-        "Load a tokenizer written by `save_pretrained`; `config` (optional) must ask for the same codebook and grid."
-        from safetensors.torch import load_file
+    def from_pretrained(cls, path: str | Path, config: IllumeRefConfig | None = None, device=None,
+                        trust_remote_code: bool = False) -> 'ReconstructionTokenizer':
+        """Load a tokenizer written by `save_pretrained`; `config` (optional) must ask for the same codebook and grid.
+        (`trust_remote_code` is accepted like every tokenizer's: this one loads no code of any kind.)"""
         path = Path(path).expanduser()
         saved = cls._read_config(path, cls.architecture)
         tok = cls(saved['image_size'], QuantizerConfig.from_dict(saved['quantizer']), TokenizerConfig.from_dict(saved['tokenizer']),
                   channels=tuple(saved['channels']), latent_dim=saved['latent_dim'], res_blocks=saved['res_blocks'], l1_weight=saved['l1_weight'],
                   mse_weight=saved['mse_weight'])
-        tok.load_own_state(load_file(str(path / 'model.safetensors')), where=f"the checkpoint '{path}'")
+        tok.load_own_state(load_safetensors(path / 'model.safetensors'), where=f"the checkpoint '{path}'")
         tok.check_against(config, where=f"the tokenizer at '{path}'")
         tok.eval()
         return tok.to(device) if device is not None else tok
@@ -482,15 +486,17 @@ class ReconstructionTokenizer(VisionTokenizer):
 TOKENIZERS = {'SemanticVisionTokenizer': SemanticVisionTokenizer, 'ReconstructionTokenizer': ReconstructionTokenizer}
 
 
-def load_tokenizer(path: str | Path, config: IllumeRefConfig | None = None, **kwargs) -> VisionTokenizer:
-    "Load whichever tokenizer `save_pretrained` wrote at `path` (checked against `config` when given)."
+def load_tokenizer(path: str | Path, config: IllumeRefConfig | None = None, trust_remote_code: bool = False,
+                   **kwargs) -> VisionTokenizer:
+    """Load whichever tokenizer `save_pretrained` wrote at `path` (checked against `config` when given). Code from a
+    Hugging Face tower's folder runs only when the caller passes `trust_remote_code=True`."""
     path = Path(path).expanduser()
     if not (path / 'config.json').exists():
         raise FileNotFoundError(f"no tokenizer at '{path}': expected a config.json written by save_pretrained")
-    arch = json.loads((path / 'config.json').read_text()).get('architecture')
+    arch = load_json(path / 'config.json').get('architecture')
     if arch not in TOKENIZERS:
         raise ValueError(f"'{path}' holds a {arch or 'unknown'} model, not a tokenizer (expected one of {', '.join(TOKENIZERS)})")
-    return TOKENIZERS[arch].from_pretrained(path, config=config, **kwargs)
+    return TOKENIZERS[arch].from_pretrained(path, config=config, trust_remote_code=trust_remote_code, **kwargs)
 
 # %% ../nbs/04_tokenizer.ipynb #706147e6
 def toy_images(rng, n: int, image_size: int = 64, world=None) -> torch.Tensor:
@@ -603,14 +609,15 @@ def train_tokenizer(cfg: IllumeRefConfig, out_dir: str | Path, kind: str = 'sema
 def toy_tokenizer_dir(cfg: IllumeRefConfig | None = None, kind: str = 'semantic', steps: int | None = None,
                       cache: str | Path | None = None) -> Path:
     "The cache folder of `pretrained_toy_tokenizer(cfg, kind, steps)` (its `history.json` holds the training log)."
-    import hashlib
+    return cached_run_dir(f'tokenizer-{kind}', _toy_tokenizer_key(cfg, kind, steps), cache)
+
+
+def _toy_tokenizer_key(cfg: IllumeRefConfig | None, kind: str, steps: int | None) -> dict:
     from illume_ref.config import get_config
-    from illume_ref.encoders import cache_dir
     cfg = cfg if cfg is not None else get_config('toy')
     parts = {k: getattr(cfg, k).to_dict() for k in ('world', 'encoder', 'quantizer', 'tokenizer')}
     for bookkeeping in ('log_every', 'save_every'): parts['tokenizer']['train'].pop(bookkeeping)   # do not change the weights
-    key = json.dumps({'kind': kind, 'steps': steps, **parts}, sort_keys=True, default=str)
-    return Path(cache or cache_dir()) / f"tokenizer-{kind}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+    return {'kind': kind, 'steps': steps, **parts}
 
 
 def pretrained_toy_tokenizer(cfg: IllumeRefConfig | None = None, kind: str = 'semantic', steps: int | None = None,
@@ -618,13 +625,12 @@ def pretrained_toy_tokenizer(cfg: IllumeRefConfig | None = None, kind: str = 'se
     """A tokenizer trained by `train_tokenizer(cfg, ..., kind, steps=steps)` (default config: the `toy` preset),
     loaded from the cache when that exact run (same world, encoder, quantizer and tokenizer configs) was done
     before, else trained there (resuming an interrupted run). A run counts as done when its `history.json`, the
-    last file `train_tokenizer` writes, is there."""
+    last file `train_tokenizer` writes, is there and the tokenizer loads back from it (`core.cached_run`)."""
     from illume_ref.config import get_config
     cfg = cfg if cfg is not None else get_config('toy')
-    folder = toy_tokenizer_dir(cfg, kind, steps, cache)
-    if not (folder / 'history.json').exists():                   # not model.safetensors: written before the history
-        train_tokenizer(cfg, folder, kind, resume=True, steps=steps, progress=progress)
-    return load_tokenizer(folder, config=cfg)
+    build = lambda folder: train_tokenizer(cfg, folder, kind, resume=True, steps=steps, progress=progress)
+    return cached_run(f'tokenizer-{kind}', _toy_tokenizer_key(cfg, kind, steps), build,
+                      lambda folder: load_tokenizer(folder, config=cfg), cache=cache)
 
 # %% ../nbs/04_tokenizer.ipynb #adc8225e
 @torch.no_grad()

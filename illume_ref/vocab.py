@@ -5,11 +5,8 @@
 # %% ../nbs/06_vocab.ipynb #c77f37a2
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
-import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -18,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from .config import LLMConfig
-from .core import load_json, save_json
+from .core import atomic_dir, cached_run, load_json, save_json
 
 # %% auto #0
 __all__ = ['VICUNA_SYSTEM', 'ROLES', 'TASK_PROMPTS', 'EXTRA_PHRASES', 'TEXT_SPECIAL_TOKENS', 'CORPUS_VERSION', 'IMAGE_START',
@@ -113,12 +110,10 @@ def load_text_tokenizer(llm: LLMConfig | None = None, cache: str | Path | None =
         tok = AutoTokenizer.from_pretrained(str(local) if local.exists() else path)
         if tok.pad_token is None: tok.pad_token = tok.unk_token or tok.eos_token
         return tok
-    from illume_ref.encoders import cache_dir
-    key = json.dumps({'vocab_size': llm.text_vocab_size, 'version': CORPUS_VERSION}, sort_keys=True)
-    folder = Path(cache or cache_dir()) / f"toy_text_tokenizer-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
-    if not (folder / 'tokenizer.json').exists():
-        train_toy_text_tokenizer(llm.text_vocab_size).save_pretrained(folder)
-    return AutoTokenizer.from_pretrained(folder)
+    def build(folder):
+        with atomic_dir(folder, last='tokenizer.json') as tmp: train_toy_text_tokenizer(llm.text_vocab_size).save_pretrained(tmp)
+    return cached_run('toy_text_tokenizer', {'vocab_size': llm.text_vocab_size, 'version': CORPUS_VERSION}, build,
+                      AutoTokenizer.from_pretrained, cache=cache, marker='tokenizer.json')
 
 # %% ../nbs/06_vocab.ipynb #b0f806fb
 IMAGE_START, IMAGE_END, IMAGE_PLACEHOLDER, IMAGE_ROW = '<img_start>', '<img_end>', '<image>', '<img_row>'

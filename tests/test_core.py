@@ -109,3 +109,62 @@ def test_json_atomic_and_errors(tmp_path):
         core.load_json(tmp_path / "bad.json")
     with pytest.raises(FileNotFoundError, match="missing.json"):
         core.load_json(tmp_path / "missing.json")
+
+
+def test_written_files_are_readable_like_any_new_file(tmp_path):
+    "save_json and save_safetensors go through a temporary file, but the result has the umask's mode, not 0600."
+    old = os.umask(0o022)
+    try:
+        j = core.save_json({"a": 1}, tmp_path / "a.json")
+        w = core.save_safetensors({"x": torch.ones(2)}, tmp_path / "w.safetensors")
+        with core.atomic_dir(tmp_path / "saved") as tmp: (tmp / "config.json").write_text("{}")
+    finally:
+        os.umask(old)
+    assert oct(j.stat().st_mode & 0o777) == oct(0o644) and oct(w.stat().st_mode & 0o777) == oct(0o644)
+    assert oct((tmp_path / "saved").stat().st_mode & 0o777) == oct(0o755)
+
+
+def test_bad_weights_files_are_named(tmp_path):
+    w = core.save_safetensors({"x": torch.ones(4)}, tmp_path / "w.safetensors")
+    w.write_bytes(w.read_bytes()[:-3])
+    with pytest.raises(ValueError, match=r"w\.safetensors.*not a complete safetensors"):
+        core.load_safetensors(w)
+    (tmp_path / "t.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match=r"t\.safetensors"):
+        core.load_safetensors(tmp_path / "t.safetensors")
+    with pytest.raises(FileNotFoundError, match="no such weights file"):
+        core.load_safetensors(tmp_path / "none.safetensors")
+
+
+def test_atomic_dir_leaves_nothing_on_error(tmp_path):
+    with pytest.raises(RuntimeError):
+        with core.atomic_dir(tmp_path / "model") as tmp:
+            (tmp / "model.safetensors").write_bytes(b"half")
+            raise RuntimeError("disk full")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_open_image_reads_what_a_viewer_shows(tmp_path):
+    from PIL import Image
+    Image.fromarray(np.full((12, 12), 65535 // 4, np.uint16)).save(tmp_path / "g16.png")
+    assert core.open_image(tmp_path / "g16.png").getpixel((0, 0)) == (64, 64, 64)
+    rgba = np.zeros((12, 12, 4), np.uint8); rgba[..., 1] = 255                 # green, fully transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "clear.png")
+    assert core.open_image(tmp_path / "clear.png", background=(245, 245, 245)).getpixel((5, 5)) == (245, 245, 245)
+    Image.new("RGB", (1, 1)).save(tmp_path / "dot.png")
+    with pytest.raises(ValueError, match=r"dot\.png' is 1x1 px: expected at least 8 px"):
+        core.open_image(tmp_path / "dot.png")
+    Image.new("RGB", (4000, 2)).save(tmp_path / "line.png")
+    with pytest.raises(ValueError, match="4000x2 px"):
+        core.open_image(tmp_path / "line.png")
+    (tmp_path / "x.png").write_bytes(b"GIF89a nonsense")
+    with pytest.raises(ValueError, match=r"cannot read image '.*x\.png'"):
+        core.open_image(tmp_path / "x.png")
+
+
+def test_pad_to_square_keeps_the_aspect_ratio():
+    from PIL import Image
+    wide = Image.new("RGB", (30, 10), (245, 245, 245)); wide.paste((0, 0, 200), (0, 0, 10, 10))
+    sq = core.pad_to_square(wide)
+    assert sq.size == (30, 30) and sq.getpixel((5, 15)) == (0, 0, 200) and sq.getpixel((5, 2)) == (245, 245, 245)
+    assert core.pad_to_square(sq) is sq

@@ -224,3 +224,15 @@ def test_toy_encoder_cache_counts_a_run_done_only_with_its_history(tmp_path):
     b = pretrained_toy_encoder(cfg, steps=2, batch_size=2, cache=tmp_path, progress=False)
     assert (folder / "history.json").exists()
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())   # retrained (seeded), not the zeros
+
+
+def test_non_square_pictures_are_padded_not_stretched():
+    "A 4:1 strip keeps its shapes' proportions: it is centred on a square of its background colour."
+    from PIL import Image
+    from illume_ref.encoders import images_to_tensor
+    strip = Image.new("RGB", (64, 16), (245, 245, 245)); strip.paste((200, 0, 0), (28, 4, 36, 12))   # an 8x8 square
+    x = images_to_tensor(strip, 64)[0]
+    red = (x[0] > 0.6) & (x[1] < 0.3)
+    rows, cols = red.any(1).nonzero().flatten(), red.any(0).nonzero().flatten()
+    assert abs(len(rows) - len(cols)) <= 1 and 7 <= len(cols) <= 9          # still square, not 4x taller
+    assert torch.allclose(x[:, 2, 2], torch.tensor([245 / 255] * 3), atol=1e-2)   # background above the strip

@@ -255,7 +255,7 @@ def test_hf_tower_is_referenced_by_path(tmp_path, images):
     saved = json.loads((tmp_path / "tok" / "config.json").read_text())
     assert saved["encoder"]["kind"] == "hf" and saved["encoder"]["select_layer"] == -2
     assert (saved["encoder"]["image_mean"], saved["encoder"]["image_std"]) == (list(enc.image_mean), list(enc.image_std))
-    assert saved["encoder"]["trust_remote_code"] is False
+    assert "trust_remote_code" not in saved["encoder"]                     # a folder never asks to run code
     assert not (tmp_path / "tok" / "encoder").exists()                      # not copied: referenced
     back = load_tokenizer(tmp_path / "tok")
     assert back.encoder.select_layer == -2 and torch.equal(back.encode(images), tok.encode(images))
@@ -294,3 +294,55 @@ def test_tokenizer_cache_counts_a_run_done_only_with_its_history(tmp_path):
     b = pretrained_toy_tokenizer(cfg, "reconstruction", steps=2, cache=tmp_path, progress=False)
     assert (folder / "history.json").exists()
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())   # from the checkpoint, not the zeros
+
+
+REMOTE_CONFIG = """from transformers import CLIPVisionConfig
+from pathlib import Path
+Path(MARKER).write_text("remote code ran")
+class EvilConfig(CLIPVisionConfig):
+    model_type = "evil_vision"
+"""
+
+
+def test_a_saved_folder_runs_no_code(tmp_path, images):
+    """A tokenizer folder whose encoder points at a tower folder with an `auto_map` module (and that says
+    trust_remote_code: true) loads without running that module; only the caller's explicit flag runs it."""
+    torch.manual_seed(0)
+    CLIPVisionModel(CLIPVisionConfig(image_size=64, patch_size=8, hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=2, num_attention_heads=4)).save_pretrained(tmp_path / "tower")
+    tok = SemanticVisionTokenizer(VisionTower.from_pretrained(tmp_path / "tower"),
+                                  QuantizerConfig(num_codes=16, kmeans_init=False), TokenizerConfig(tokens_per_image=64))
+    tok.save_pretrained(tmp_path / "tok")
+    # turn the tower folder into one that asks for remote code, and the tokenizer folder into one that says yes
+    marker = tmp_path / "RAN"
+    (tmp_path / "tower" / "evil.py").write_text(REMOTE_CONFIG.replace("MARKER", repr(str(marker))))
+    cfg = json.loads((tmp_path / "tower" / "config.json").read_text())
+    cfg.update(model_type="evil_vision", auto_map={"AutoConfig": "evil.EvilConfig"})
+    (tmp_path / "tower" / "config.json").write_text(json.dumps(cfg))
+    saved = json.loads((tmp_path / "tok" / "config.json").read_text())
+    saved["encoder"]["trust_remote_code"] = True
+    (tmp_path / "tok" / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        load_tokenizer(tmp_path / "tok")
+    assert not marker.exists()
+    # the caller's flag is what turns it on (the module runs; the tower it describes is then loaded)
+    try: load_tokenizer(tmp_path / "tok", trust_remote_code=True)
+    except Exception: pass
+    assert marker.read_text() == "remote code ran"
+
+
+def test_tokenizer_cache_verifies_a_finished_run_before_trusting_it(tmp_path):
+    "A cached run with its history.json but truncated weights is moved aside (kept) and trained again."
+    import warnings
+    from illume_ref.tokenizer import pretrained_toy_tokenizer, toy_tokenizer_dir
+    cfg = get_config("toy").override(TINY)
+    a = pretrained_toy_tokenizer(cfg, "reconstruction", steps=2, cache=tmp_path, progress=False)
+    folder = toy_tokenizer_dir(cfg, "reconstruction", 2, tmp_path)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        b = pretrained_toy_tokenizer(cfg, "reconstruction", steps=2, cache=tmp_path, progress=False)
+    assert any("does not load" in str(w.message) and "model.safetensors" in str(w.message) for w in caught)
+    assert (folder.with_name(folder.name + ".broken-1") / "model.safetensors").exists()
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())   # the same 2-step run again
