@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
+import transformers
 
 from .config import LLMConfig
 from .core import atomic_dir, cached_run, load_json, save_json
@@ -112,8 +113,9 @@ def load_text_tokenizer(llm: LLMConfig | None = None, cache: str | Path | None =
         return tok
     def build(folder):
         with atomic_dir(folder, last='tokenizer.json') as tmp: train_toy_text_tokenizer(llm.text_vocab_size).save_pretrained(tmp)
-    return cached_run('toy_text_tokenizer', {'vocab_size': llm.text_vocab_size, 'version': CORPUS_VERSION}, build,
-                      AutoTokenizer.from_pretrained, cache=cache, marker='tokenizer.json')
+    # transformers 4 cannot read a tokenizer folder written by transformers 5: each major release keeps its own
+    key = {'vocab_size': llm.text_vocab_size, 'version': CORPUS_VERSION, 'transformers': transformers.__version__.split('.')[0]}
+    return cached_run('toy_text_tokenizer', key, build, AutoTokenizer.from_pretrained, cache=cache, marker='tokenizer.json')
 
 # %% ../nbs/06_vocab.ipynb #b0f806fb
 IMAGE_START, IMAGE_END, IMAGE_PLACEHOLDER, IMAGE_ROW = '<img_start>', '<img_end>', '<image>', '<img_row>'
