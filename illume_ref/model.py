@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 from transformers.modeling_outputs import ModelOutput
 
 from .config import EncoderConfig, IllumeRefConfig, LLMConfig
+from .core import atomic_dir, pad_to_square
 from .encoders import SemanticEncoder, ToyViT, VisionTower, build_encoder, images_to_tensor
 from .vocab import (IGNORE_INDEX, IMAGE_END, IMAGE_PLACEHOLDER, IMAGE_ROW, IMAGE_START, ROLES, TASK_PROMPTS, VICUNA_SYSTEM, VisualVocab,
                               extend_model, extend_tokenizer, load_text_tokenizer)
@@ -80,6 +81,11 @@ class IllumeConfig(PretrainedConfig):
         self.tokens_per_image = tokens_per_image     # codes per generated image (the vision tokenizer's N)
         self.context_length = context_length         # the LLM's max_position_embeddings
         super().__init__(**kwargs)
+
+
+# Known to `AutoConfig`, so `AutoTokenizer.from_pretrained(checkpoint)` (which reads config.json first) finds this
+# class instead of building a bare `PretrainedConfig` and warning "You are using a model of type illume_ref ...".
+AutoConfig.register(IllumeConfig.model_type, IllumeConfig, exist_ok=True)
 
 
 def _text_config(d: dict) -> PretrainedConfig:
@@ -296,13 +302,15 @@ def build_illume(cfg: IllumeRefConfig, tokenizer=None, encoder: SemanticEncoder 
 
 # %% ../nbs/07_mllm.ipynb #0805e634
 def save_illume(path: str | Path, model: IllumeForConditionalGeneration, tokenizer=None) -> Path:
-    "`model.save_pretrained(path)` plus the tokenizer and `visual_vocab.json` in the same folder."
+    """`model.save_pretrained(path)` plus the tokenizer and `visual_vocab.json` in the same folder, built under a
+    temporary name and moved into place at the end (`core.atomic_dir`, `config.json` last): a reader finds the
+    checkpoint complete or finds no `config.json`, and when saving fails nothing at `path` changes."""
     path = Path(path)
-    model.save_pretrained(path)
-    if tokenizer is not None:
-        model.visual_vocab.check_tokenizer(tokenizer)
-        tokenizer.save_pretrained(path)
-    model.visual_vocab.save(path)
+    if tokenizer is not None: model.visual_vocab.check_tokenizer(tokenizer)
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None: tokenizer.save_pretrained(tmp)
+        model.visual_vocab.save(tmp)
     return path
 
 
@@ -335,13 +343,23 @@ _NEW_TOKEN_TEXT = re.compile(r"<img_\d+>|" + "|".join(re.escape(t) for t in (IMA
 
 
 def _text_ids(tokenizer, text: str) -> list[int]:
+    """Ids of plain text. The strings of the tokenizer's own special tokens (`</s>`, `<s>`, `<unk>`, `<pad>`) stay
+    text (`split_special_tokens`): a prompt such as "</s> ASSISTANT: yes" cannot end the user's turn. Strings of the
+    visual vocabulary (`<image>`, `<img_3>`, ...) are refused: images are parts, never text."""
     if IMAGE_PLACEHOLDER in text:
         raise ValueError(f"write images as {{'image': img}} parts, not as the string '{IMAGE_PLACEHOLDER}' in text")
     found = _NEW_TOKEN_TEXT.search(text)
     if found:
         raise ValueError(f"text contains the image token '{found.group()}': images are written as {{'codes': ...}} "
                          "parts (or {'target_image': ...} in collate), never as token strings in text")
-    return tokenizer(text, add_special_tokens=False).input_ids if text else []
+    if not text: return []
+    ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
+    special = set(ids) & (set(tokenizer.all_special_ids) - {tokenizer.unk_token_id})   # <unk>: an unknown character
+    if special:                                   # a tokenizer that ignores split_special_tokens
+        tok = tokenizer.convert_ids_to_tokens(min(special))
+        raise ValueError(f"the text {text[:60]!r} became the special token {tok!r} (id {min(special)}): "
+                         f"{type(tokenizer).__name__} does not keep special-token strings as plain text")
+    return ids
 
 
 def _segments(turns: Sequence[dict], template: str, eos: str, add_generation_prompt: bool):
@@ -548,16 +566,31 @@ def select_grid(width: int, height: int, base: int, max_slices: int = 9) -> tupl
     return best
 
 
+def _square(x: torch.Tensor) -> torch.Tensor:
+    "`(1, 3, H, W)` -> `(1, 3, S, S)`, S = max(H, W): `core.pad_to_square`'s layout (centred on the median border colour)."
+    H, W = x.shape[-2:]
+    if H == W: return x
+    border = torch.cat([x[0, :, 0], x[0, :, -1], x[0, :, :, 0], x[0, :, :, -1]], 1)      # (3, 2W + 2H)
+    S = max(H, W)
+    out = border.quantile(0.5, dim=1).view(1, 3, 1, 1).expand(1, 3, S, S).clone()
+    top, left = (S - H) // 2, (S - W) // 2
+    out[..., top:top + H, left:left + W] = x
+    return out
+
+
 def anyres_views(image, base: int, max_slices: int = 9, fill: float = 0.5) -> tuple[torch.Tensor, tuple[int, int]]:
     """AnyRes (LLaVA-NeXT): `(1 + rows*cols, 3, base, base)` views in [0, 1] (the global view, then the slices in
-    reading order) and the grid (rows, cols)."""
+    reading order) and the grid (rows, cols). The global view is the whole image padded to a square
+    (`core.pad_to_square`), never stretched; the slices tile the image scaled to fit the grid's canvas, centred on
+    `fill`."""
     x = images_to_tensor(image)                                    # (1, 3, H, W) at its own size
     if x.shape[0] != 1: raise ValueError(f"anyres_views takes one image, got {x.shape[0]}")
     H, W = x.shape[-2:]
     rows, cols = select_grid(W, H, base, max_slices)
     resize = lambda t, h, w: F.interpolate(t, size=(h, w), mode='bilinear', align_corners=False,
                                            antialias=True).clamp(0, 1)
-    global_view = resize(x, base, base)
+    square = images_to_tensor(pad_to_square(image)) if isinstance(image, Image.Image) else _square(x)
+    global_view = resize(square, base, base)
     CW, CH = cols * base, rows * base
     scale = min(CW / W, CH / H)
     w, h = max(1, min(CW, round(W * scale))), max(1, min(CH, round(H * scale)))
