@@ -6,21 +6,24 @@
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
-from .core import load_json, save_json
-from .model import cache_kwargs, output_cache, positions
+from .core import atomic_dir, load_json, save_json
+from .model import TEMPLATES, cache_kwargs, output_cache, positions
 from .vocab import TASK_PROMPTS, VisualVocab
 
 # %% auto #0
-__all__ = ['PARTS', 'row_generators', 'filter_logits', 'sample_tokens', 'left_pad', 'decode_loop', 'sample_image_codes',
-           'prompt_ids', 'image_prompts', 'generate_image_codes', 'edit_image_codes', 'code_mosaic', 'pixel_decoder',
-           'run_decode', 'generate_images', 'edit', 'chat_batch', 'decode_text', 'chat', 'IllumeSystem',
-           'ImageSpanLogitsProcessor', 'bench_generate', 'format_bench_generate', 'image_span_fits']
+__all__ = ['SETTINGS', 'MISSING_CODE_COLOR', 'PARTS', 'GENERATION_KEYS', 'row_generators', 'filter_logits', 'sample_tokens',
+           'check_settings', 'image_seed', 'image_seeds', 'left_pad', 'decode_loop', 'sample_image_codes', 'prompt_ids',
+           'image_prompts', 'generate_image_codes', 'edit_image_codes', 'code_mosaic', 'pixel_decoder', 'run_decode',
+           'generate_images', 'edit', 'chat_batch', 'decode_text', 'chat', 'IllumeSystem', 'ImageSpanLogitsProcessor',
+           'bench_generate', 'format_bench_generate', 'image_span_fits']
 
 # %% ../nbs/08_inference.ipynb #edabe5c7
 def row_generators(seed: int | None, rows: int, device='cpu') -> list[torch.Generator] | None:
@@ -54,6 +57,45 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 0.0, top_k: int | N
         raise ValueError(f"got {len(generators)} generators for {len(probs)} rows")
     src = probs.cpu() if generators[0].device.type == 'cpu' else probs     # one copy to the generators' device
     return torch.cat([torch.multinomial(p[None], 1, generator=g) for p, g in zip(src, generators)]).squeeze(-1).to(probs.device)
+
+
+_real = lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+_int = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+# What each generation setting may be: (test, what is expected). `check_settings` applies them once, where a public
+# call starts; the decoding loop then trusts its inputs.
+SETTINGS = {
+    'temperature': (lambda v: _real(v) and v >= 0, "a finite number >= 0 (0: greedy)"),
+    'top_k': (lambda v: v is None or (_int(v) and v >= 1), "None (off) or an integer >= 1"),
+    'top_p': (lambda v: v is None or (_real(v) and 0 < v <= 1), "None (off) or a number in (0, 1]"),
+    'cfg_scale': (lambda v: v is None or (_real(v) and v >= 0), "None (no guidance) or a finite number >= 0"),
+    'max_new_tokens': (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    'num_images': (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    'seed': (lambda v: v is None or (_int(v) and v >= 0), "None (the global RNG) or an integer >= 0"),
+    'first_prompt': (lambda v: _int(v) and v >= 0, "an integer >= 0"),
+    'template': (lambda v: v in TEMPLATES, f"one of {TEMPLATES}"),
+    'edit_uncond': (lambda v: v in ('image', 'null'), "'image' or 'null'"),
+    'decoder_kwargs': (lambda v: v is None or isinstance(v, dict), "None or a dict"),
+}
+
+
+def check_settings(where: str = '', **settings):
+    "Raise a ValueError naming the first setting outside what `SETTINGS` allows (`where` prefixes the message)."
+    for name, value in settings.items():
+        ok, expected = SETTINGS[name]
+        if not ok(value): raise ValueError(f"{where}{name} must be {expected}, got {value!r} ({type(value).__name__})")
+
+
+def image_seed(seed: int, prompt: int, image: int) -> int:
+    """The seed of image `image` of prompt `prompt` in a call made with `seed`: a 64-bit hash of the three (numpy's
+    `SeedSequence`). Every (seed, prompt, image) has its own stream: `seed=0` and `seed=1` share no image."""
+    return int(np.random.SeedSequence([seed, prompt, image]).generate_state(1, np.uint64)[0])
+
+
+def image_seeds(seed: int | None, prompts: int, num_images: int, first_prompt: int = 0) -> list[int] | None:
+    "`image_seed` of every row `i * num_images + j` of a call with `prompts` prompts (None: the global RNG)."
+    if seed is None: return None
+    return [image_seed(seed, first_prompt + i, j) for i in range(prompts) for j in range(num_images)]
 
 # %% ../nbs/08_inference.ipynb #b01242f8
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,6 +167,25 @@ def sample_image_codes(language_model, vocab: VisualVocab, inputs_embeds: torch.
 def _user(*content) -> list[dict]: return [{'role': 'user', 'content': [c for c in content if c is not None]}]
 
 
+def _texts(texts, what: str, where: str) -> list[str]:
+    "One string is one `what` (never one per character); else a sequence of strings with some text in each."
+    if isinstance(texts, str): texts = [texts]
+    try: texts = list(texts)
+    except TypeError: raise ValueError(f"{where}: expected a string or a list of {what}s, got {type(texts).__name__}") from None
+    if not texts: raise ValueError(f"{where} got no {what}s")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str): raise ValueError(f"{where}: {what} {i} is a {type(t).__name__}, expected a string")
+        if not t.strip(): raise ValueError(f"{where}: {what} {i} is empty ({t!r}): expected some text")
+    return texts
+
+
+def _images(images) -> list:
+    "A list of images, a `(B, 3, H, W)` batch, or one image -> a list of images."
+    if isinstance(images, (list, tuple)): return list(images)
+    if isinstance(images, torch.Tensor) and images.ndim == 4: return list(images)
+    return [images]
+
+
 def prompt_ids(model, tokenizer, turns: list[dict], template: str = 'vicuna_v1') -> tuple[list[int], torch.Tensor | None]:
     "A dialogue ending in a user turn -> (ids up to and including `ASSISTANT:`, its understanding views or None)."
     from illume_ref.model import tokenize_conversation
@@ -170,11 +231,11 @@ def image_prompts(model, tokenizer, conditions: Sequence[list], cfg: bool, templ
 
 # %% ../nbs/08_inference.ipynb #1e266ef2
 def _codes_for(model, tokenizer, conditions, cfg_scale, temperature, top_k, top_p, num_images, seed, template,
-               uncond, use_cache, tokens_per_image):
+               uncond, use_cache, tokens_per_image, first_prompt, where):
+    check_settings(f"{where}: ", cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                   num_images=num_images, seed=seed, first_prompt=first_prompt, template=template)
     N = tokens_per_image or model.config.tokens_per_image
     vocab = model.visual_vocab
-    if num_images < 1: raise ValueError(f"num_images must be at least 1, got {num_images}")
-    if len(conditions) == 0: raise ValueError("got no prompts (or no images to edit): nothing to generate")
     rows, views = image_prompts(model, tokenizer, conditions, cfg_scale is not None, template, uncond)
     extra = vocab.image_length(N) - 1                   # <img_start> is in the prompt
     for r in rows: _check_fits(model, len(r), extra, "image generation")
@@ -183,7 +244,8 @@ def _codes_for(model, tokenizer, conditions, cfg_scale, temperature, top_k, top_
         groups = 2 if cfg_scale is not None else 1                # (conditional rows, then unconditional rows)
         embeds = torch.cat([e.repeat_interleave(num_images, 0) for e in embeds.chunk(groups)])
         mask = torch.cat([m.repeat_interleave(num_images, 0) for m in mask.chunk(groups)])
-    gens = row_generators(seed, len(conditions) * num_images, 'cpu') if temperature > 0 else None
+    seeds = image_seeds(seed, len(conditions), num_images, first_prompt) if temperature > 0 else None
+    gens = [torch.Generator().manual_seed(s) for s in seeds] if seeds else None
     return sample_image_codes(model.language_model, vocab, embeds, mask, N, cfg_scale, temperature, top_k, top_p,
                               gens, use_cache)
 
@@ -191,39 +253,56 @@ def _codes_for(model, tokenizer, conditions, cfg_scale, temperature, top_k, top_
 def generate_image_codes(model, tokenizer, prompts: Sequence[str], cfg_scale: float | None = 3.0,
                          temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                          num_images: int = 1, seed: int | None = 0, template: str = 'vicuna_v1', raw: bool = False,
-                         use_cache: bool = True, tokens_per_image: int | None = None) -> torch.Tensor:
+                         use_cache: bool = True, tokens_per_image: int | None = None,
+                         first_prompt: int = 0) -> torch.Tensor:
     """Text-to-image (§3.2): codes `(len(prompts) * num_images, N)` (rows `i * num_images + j`), sampled with
     classifier-free guidance `cfg_scale` (None: off), KV cache, codes only inside the span. Each prompt is a caption
-    wrapped in `TASK_PROMPTS['generate']` (`raw=True`: used as the user text as it is)."""
-    if isinstance(prompts, str): prompts = [prompts]
-    if not prompts: raise ValueError("generate_image_codes got no prompts")
+    wrapped in `TASK_PROMPTS['generate']` (`raw=True`: used as the user text as it is); one string is one prompt.
+    Image j of prompt i draws from `image_seed(seed, first_prompt + i, j)` (`first_prompt`: where `prompts` start
+    in a longer list drawn in parts)."""
+    prompts = _texts(prompts, 'prompt', 'generate_image_codes')
     texts = [p if raw else TASK_PROMPTS['generate'].format(caption=p) for p in prompts]
     return _codes_for(model, tokenizer, [[t] for t in texts], cfg_scale, temperature, top_k, top_p, num_images,
-                      seed, template, 'null', use_cache, tokens_per_image)
+                      seed, template, 'null', use_cache, tokens_per_image, first_prompt, 'generate_image_codes')
 
 
 def edit_image_codes(model, tokenizer, images: Sequence, instructions: Sequence[str], cfg_scale: float | None = 3.0,
                      temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                      num_images: int = 1, seed: int | None = 0, template: str = 'vicuna_v1', uncond: str = 'image',
-                     use_cache: bool = True, tokens_per_image: int | None = None) -> torch.Tensor:
-    """Editing: (source image, instruction) pairs -> codes `(len(images) * num_images, N)` of the edited images.
-    The prompt is the image and `TASK_PROMPTS['edit']` as in training; the unconditional row keeps the image
-    (`uncond='image'`, guidance on the instruction) or drops everything (`'null'`)."""
+                     use_cache: bool = True, tokens_per_image: int | None = None,
+                     first_prompt: int = 0) -> torch.Tensor:
+    """Editing: (source image, instruction) pairs -> codes `(len(images) * num_images, N)` of the edited images
+    (one image and one instruction string: one pair). The prompt is the image and `TASK_PROMPTS['edit']` as in
+    training; the unconditional row keeps the image (`uncond='image'`, guidance on the instruction) or drops
+    everything (`'null'`). Seeds as in `generate_image_codes`."""
     if uncond not in ('image', 'null'): raise ValueError(f"uncond must be 'image' or 'null', got {uncond!r}")
+    instructions, images = _texts(instructions, 'instruction', 'edit_image_codes'), _images(images)
     if len(images) != len(instructions):
         raise ValueError(f"got {len(images)} images for {len(instructions)} instructions")
     conds = [[{'image': im}, "\n" + TASK_PROMPTS['edit'].format(instruction=ins)] for im, ins in zip(images, instructions)]
     return _codes_for(model, tokenizer, conds, cfg_scale, temperature, top_k, top_p, num_images, seed, template,
-                      uncond, use_cache, tokens_per_image)
+                      uncond, use_cache, tokens_per_image, first_prompt, 'edit_image_codes')
 
 # %% ../nbs/08_inference.ipynb #62fc1c81
+MISSING_CODE_COLOR = (255, 0, 255)   # code -1 (unknown or masked): no code's colour has a channel at 255
+
+
 def code_mosaic(num_codes: int, size: int = 64, seed: int = 0) -> Callable[[torch.Tensor], list]:
-    "A `decode` stand-in: codes `(B, N)` -> PIL images `size` px, one fixed random colour per code."
+    """A `decode` stand-in: codes `(B, N)` -> PIL images `size` px, one fixed random colour per code (channels in
+    [0, 254]) and `MISSING_CODE_COLOR` for code -1."""
     from PIL import Image
     colors = (torch.rand(num_codes, 3, generator=torch.Generator().manual_seed(seed)) * 255).to(torch.uint8)
+    palette = torch.cat([colors, torch.tensor([MISSING_CODE_COLOR], dtype=torch.uint8)])   # row num_codes: missing
     def decode(codes: torch.Tensor, seed: int | None = None) -> list:
+        codes = torch.as_tensor(codes).cpu().long()
+        if codes.ndim != 2 or math.isqrt(codes.shape[1]) ** 2 != codes.shape[1]:
+            raise ValueError(f"code_mosaic takes codes (B, N) with N a square number, got shape {tuple(codes.shape)}")
+        bad = (codes < -1) | (codes >= num_codes)
+        if bad.any():
+            raise ValueError(f"code {int(codes[bad][0])} at (row, position) {tuple(bad.nonzero()[0].tolist())} is "
+                             f"outside [0, {num_codes}) (and not -1, missing)")
         g = math.isqrt(codes.shape[1])
-        grids = colors[codes.cpu()].reshape(-1, g, g, 3).numpy()
+        grids = palette[torch.where(codes < 0, num_codes, codes)].reshape(-1, g, g, 3).numpy()
         return [Image.fromarray(a).resize((size, size), Image.NEAREST) for a in grids]
     return decode
 
@@ -249,11 +328,13 @@ def pixel_decoder(vision_tokenizer, decoder, num_inference_steps: int | None = N
     if hasattr(decoder, 'set_progress_bar_config'): decoder.set_progress_bar_config(disable=True)
     params = inspect.signature(decoder.__call__ if not inspect.isfunction(decoder) else decoder).parameters
 
-    def decode(codes: torch.Tensor, seed: int | None = None) -> list:
+    def decode(codes: torch.Tensor, seed: int | None = None, seeds: Sequence[int] | None = None) -> list:
+        "`seeds`: one per row (a list of generators, diffusers' convention), else one generator from `seed`."
         kw = {}
         if num_inference_steps is not None and 'num_inference_steps' in params: kw['num_inference_steps'] = num_inference_steps
         if guidance_scale is not None and 'guidance_scale' in params: kw['guidance_scale'] = guidance_scale
-        if seed is not None and 'generator' in params: kw['generator'] = torch.Generator().manual_seed(seed)
+        if 'generator' in params and seeds is not None: kw['generator'] = [torch.Generator().manual_seed(s) for s in seeds]
+        elif 'generator' in params and seed is not None: kw['generator'] = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             if 'indices' in params and 'tokenizer' in params:
                 return _to_pil_list(decoder(indices=codes, tokenizer=vision_tokenizer, **kw))
@@ -262,31 +343,36 @@ def pixel_decoder(vision_tokenizer, decoder, num_inference_steps: int | None = N
     return decode
 
 
-def run_decode(decode: Callable, codes: torch.Tensor, seed: int | None = None) -> list:
-    "Call a `decode` callable `codes (B, N) -> list[PIL]`, passing `seed=` only when it accepts one."
+def run_decode(decode: Callable, codes: torch.Tensor, seed: int | None = None,
+               seeds: Sequence[int] | None = None) -> list:
+    """Call a `decode` callable `codes (B, N) -> list[PIL]`, passing the per-row `seeds=` (`image_seeds`) when it
+    accepts them, else `seed=` when it accepts that."""
     import inspect
-    try: takes_seed = 'seed' in inspect.signature(decode).parameters
-    except (TypeError, ValueError): takes_seed = False
-    images = list(decode(codes, seed=seed) if takes_seed else decode(codes))
+    try: params = inspect.signature(decode).parameters
+    except (TypeError, ValueError): params = {}
+    if seeds is not None and 'seeds' in params: images = list(decode(codes, seeds=seeds))
+    else: images = list(decode(codes, seed=seed) if 'seed' in params else decode(codes))
     if len(images) != len(codes): raise ValueError(f"the decoder returned {len(images)} images for {len(codes)} code grids")
     return images
 
 
 def generate_images(model, tokenizer, prompts: Sequence[str], decode: Callable | None = None, num_images: int = 1,
-                    seed: int | None = 0, **kwargs) -> list[list]:
-    """Text-to-image end to end: `generate_image_codes` then `decode` (default `code_mosaic`). Returns one list of
-    `num_images` PIL images per prompt."""
-    codes = generate_image_codes(model, tokenizer, prompts, num_images=num_images, seed=seed, **kwargs)
+                    seed: int | None = 0, first_prompt: int = 0, **kwargs) -> list[list]:
+    """Text-to-image end to end: `generate_image_codes` then `decode` (default `code_mosaic`), each image with its
+    own `image_seed`. Returns one list of `num_images` PIL images per prompt."""
+    prompts = _texts(prompts, 'prompt', 'generate_images')
+    codes = generate_image_codes(model, tokenizer, prompts, num_images=num_images, seed=seed,
+                                 first_prompt=first_prompt, **kwargs)
     decode = decode if decode is not None else code_mosaic(model.visual_vocab.num_codes)
-    images = run_decode(decode, codes, seed)
-    return [images[i * num_images:(i + 1) * num_images] for i in range(len(images) // num_images)]
+    images = run_decode(decode, codes, seed, image_seeds(seed, len(prompts), num_images, first_prompt))
+    return [images[i * num_images:(i + 1) * num_images] for i in range(len(prompts))]
 
 
 def edit(model, tokenizer, image, instruction: str, decode: Callable | None = None, seed: int | None = 0, **kwargs):
     "Editing end to end: one source image + instruction -> the edited PIL image (see `edit_image_codes`)."
     codes = edit_image_codes(model, tokenizer, [image], [instruction], seed=seed, **kwargs)
     decode = decode if decode is not None else code_mosaic(model.visual_vocab.num_codes)
-    return run_decode(decode, codes, seed)[0]
+    return run_decode(decode, codes, seed, image_seeds(seed, 1, 1, kwargs.get('first_prompt', 0)))[0]
 
 # %% ../nbs/08_inference.ipynb #44efa2c6
 @torch.no_grad()
@@ -295,7 +381,12 @@ def chat_batch(model, tokenizer, items: Sequence[tuple[Sequence, str]], max_new_
                template: str = 'vicuna_v1', use_cache: bool = True, return_ids: bool = False) -> list:
     """Answers to `(images, prompt)` pairs (`images`: a list of PIL images / tensors, possibly empty), decoded with a
     KV cache until `</s>` or `max_new_tokens`. Greedy at `temperature=0`; row `r` samples with seed `seed + r`."""
+    check_settings("chat: ", max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   seed=seed, template=template)
+    if isinstance(items, (str, dict)) or any(not isinstance(it, (list, tuple)) or len(it) != 2 for it in items):
+        raise ValueError("chat_batch takes a list of (images, prompt) pairs")
     if len(items) == 0: raise ValueError("chat_batch got no (images, prompt) items")
+    _texts([prompt for _, prompt in items], 'prompt', 'chat')
     rows, views = [], []
     for images, prompt in items:
         if images is not None and not isinstance(images, (list, tuple)): images = [images]
@@ -348,6 +439,28 @@ def _load_decoder(path: Path):
     raise ImportError("illume_ref.decoder has no IllumeDecoderPipeline / DiffusionDecoder with from_pretrained")
 
 
+GENERATION_KEYS = ('cfg_scale', 'temperature', 'top_k', 'top_p', 'max_new_tokens', 'template', 'edit_uncond',
+                   'decoder_kwargs')
+
+
+def _read_system_json(file: Path) -> dict:
+    "`system.json` as `save_pretrained` writes it, or a ValueError naming the file, the key, expected and found."
+    meta = load_json(file)
+    if not isinstance(meta, dict) or set(meta) != {'parts', 'generation'}:
+        got = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"'{file}': expected an object with the keys ['generation', 'parts'], got {got}")
+    parts, gen = meta['parts'], meta['generation']
+    if (not isinstance(parts, list) or not all(isinstance(p, str) and p in PARTS for p in parts)
+            or 'mllm' not in parts or len(set(parts)) != len(parts)):
+        raise ValueError(f"'{file}': 'parts' must be a list of distinct names from {PARTS} holding 'mllm', got {parts!r}")
+    if not isinstance(gen, dict) or set(gen) != set(GENERATION_KEYS):
+        got = (f"missing {sorted(set(GENERATION_KEYS) - set(gen))}, unknown {sorted(set(gen) - set(GENERATION_KEYS))}"
+               if isinstance(gen, dict) else repr(gen))
+        raise ValueError(f"'{file}': 'generation' must be an object with the keys {list(GENERATION_KEYS)}; got {got}")
+    check_settings(f"'{file}': generation.", **gen)
+    return meta
+
+
 class IllumeSystem:
     """MLLM + text tokenizer + vision tokenizer + diffusion decoder, with the generation defaults. Implements
     `evaluate.ModelLike` (`answer`, `generate`, `edit`) and `chat`."""
@@ -356,6 +469,9 @@ class IllumeSystem:
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  max_new_tokens: int = 32, template: str = 'vicuna_v1', edit_uncond: str = 'image',
                  decode: Callable | None = None, decoder_kwargs: dict | None = None):
+        check_settings("IllumeSystem: ", cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                       max_new_tokens=max_new_tokens, template=template, edit_uncond=edit_uncond,
+                       decoder_kwargs=decoder_kwargs)
         if decoder is not None and not hasattr(decoder, 'features_from') and hasattr(decoder, 'pipeline'):
             decoder = decoder.pipeline()                       # a DiffusionDecoder -> its sampling pipeline
         self.model, self.tokenizer, self.vision_tokenizer, self.decoder = model.eval(), tokenizer, vision_tokenizer, decoder
@@ -407,35 +523,45 @@ class IllumeSystem:
         return chat(self.model, self.tokenizer, images, prompt, template=self.template, **kw)
 
     def answer(self, images: list, questions: list[str]) -> list[str]:
+        "One answer per (image, question); one image and one question string: a list of one answer."
+        if isinstance(questions, str): images = [images]
+        questions, images = _texts(questions, 'question', 'IllumeSystem.answer'), _images(images)
+        if len(images) != len(questions): raise ValueError(f"got {len(images)} images for {len(questions)} questions")
         return chat_batch(self.model, self.tokenizer, list(zip([[im] for im in images], questions)),
                           self.max_new_tokens, template=self.template)
 
-    # drawing and editing ------------------------------------------------------------------------------
+    # drawing and editing (one string: one prompt; image j of prompt i has its own `image_seed`) ---------
     def generate_codes(self, prompts, num_images: int = 1, seed: int | None = 0, **kw) -> torch.Tensor:
-        return generate_image_codes(self.model, self.tokenizer, list(prompts), num_images=num_images, seed=seed,
+        return generate_image_codes(self.model, self.tokenizer, prompts, num_images=num_images, seed=seed,
                                     **self._gen_kw(**kw))
 
-    def generate(self, prompts: list[str], num_images: int = 1, seed: int = 0, **kw) -> list[list]:
-        codes = self.generate_codes(prompts, num_images, seed, **kw)
-        images = run_decode(self.decode, codes, seed)
+    def generate(self, prompts: list[str], num_images: int = 1, seed: int = 0, first_prompt: int = 0,
+                 **kw) -> list[list]:
+        prompts = _texts(prompts, 'prompt', 'IllumeSystem.generate')
+        codes = self.generate_codes(prompts, num_images, seed, first_prompt=first_prompt, **kw)
+        images = run_decode(self.decode, codes, seed, image_seeds(seed, len(prompts), num_images, first_prompt))
         return [images[i * num_images:(i + 1) * num_images] for i in range(len(prompts))]
 
-    def edit(self, images: list, instructions: list[str], seed: int = 0, **kw) -> list:
+    def edit(self, images: list, instructions: list[str], seed: int = 0, first_prompt: int = 0, **kw) -> list:
         kw = {'uncond': self.edit_uncond, **kw}
-        codes = edit_image_codes(self.model, self.tokenizer, list(images), list(instructions), seed=seed,
-                                 **self._gen_kw(**kw))
-        return run_decode(self.decode, codes, seed)
+        codes = edit_image_codes(self.model, self.tokenizer, images, instructions, seed=seed,
+                                 first_prompt=first_prompt, **self._gen_kw(**kw))
+        n = kw.get('num_images', 1)
+        return run_decode(self.decode, codes, seed, image_seeds(seed, len(codes) // n, n, first_prompt))
 
     # persistence --------------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> Path:
+        """Write every part and `system.json` into a temporary folder moved into place at the end (`core.atomic_dir`,
+        `system.json` last): a reader finds the system complete or finds no `system.json`."""
         from illume_ref.model import save_illume
-        path = Path(path); path.mkdir(parents=True, exist_ok=True)
-        save_illume(path / 'mllm', self.model, self.tokenizer)
-        saved = ['mllm']
-        for name in ('vision_tokenizer', 'decoder'):
-            part = getattr(self, name)
-            if part is not None: part.save_pretrained(path / name); saved.append(name)
-        save_json({'parts': saved, 'generation': self.generation_config}, path / 'system.json')
+        path = Path(path)
+        with atomic_dir(path, last='system.json') as tmp:
+            save_illume(tmp / 'mllm', self.model, self.tokenizer)
+            saved = ['mllm']
+            for name in ('vision_tokenizer', 'decoder'):
+                part = getattr(self, name)
+                if part is not None: part.save_pretrained(tmp / name); saved.append(name)
+            save_json({'parts': saved, 'generation': self.generation_config}, tmp / 'system.json')
         return path
 
     @classmethod
@@ -447,7 +573,7 @@ class IllumeSystem:
         if not (path / 'system.json').exists():
             found = sorted(p.name for p in path.iterdir())[:8] if path.is_dir() else 'the folder does not exist'
             raise FileNotFoundError(f"no ILLUME system at '{path}': system.json missing (found {found})")
-        meta = load_json(path / 'system.json')
+        meta = _read_system_json(path / 'system.json')
         has = lambda p: any((path / p / f).exists() for f in ('config.json', 'model_index.json'))
         missing = [p for p in meta['parts'] if not has(p)]
         if missing:

@@ -89,3 +89,35 @@ def test_bad_input(cli, model_dir, tmp_path):
     code, _, err = cli("generate", "--model", model_dir / "system", "--prompt-file", tmp_path / "empty.txt")
     assert code == 2 and "is empty" in err
     assert not (tmp_path / "e").exists()
+
+
+def test_sampling_flags_out_of_range_are_refused(cli, model_dir, tmp_path):
+    gen = ["generate", "--model", model_dir / "system", "--prompt", "a red circle"]
+    for flags, msg in [(["--top-p", 5], "top_p must be None (off) or a number in (0, 1], got 5.0"),
+                       (["--top-k", 0], "top_k must be None (off) or an integer >= 1, got 0"),
+                       (["--num-images", 0], "num_images must be an integer >= 1, got 0"),
+                       (["--temperature", "nan"], "temperature must be a finite number >= 0"),
+                       (["--cfg-scale", "-1"], "cfg_scale must be None (no guidance) or a finite number >= 0")]:
+        code, _, err = cli(*gen, *flags, "--out", tmp_path / "g")
+        assert code == 2 and msg in err, (flags, err)
+    chat = ["chat", "--model", model_dir / "system"]
+    code, _, err = cli(*chat, "--prompt", "Hi.", "--max-new-tokens", -1)
+    assert code == 2 and "max_new_tokens must be an integer >= 1, got -1" in err
+    code, _, err = cli(*chat, "--prompt", "   ")
+    assert code == 2 and "prompt 0 is empty" in err
+    code, _, err = cli("edit", "--model", model_dir / "system", "--image", model_dir / "scene.png",
+                       "--instruction", " ", "--out", tmp_path / "e")
+    assert code == 2 and "instruction 0 is empty" in err
+
+
+def test_different_seeds_share_no_image(cli, model_dir, tmp_path):
+    "`--seed 0 -n 3` and `--seed 1 -n 3` used to share two images (row r drew with seed + r)."
+    pictures = {}
+    for seed in (0, 1):
+        args = ["generate", "--model", model_dir / "system", "--prompt", "a red circle", "--num-images", 3,
+                "--seed", seed, "--out", tmp_path / f"s{seed}"]
+        assert cli(*args)[0] == 0
+        records = json.loads((tmp_path / f"s{seed}" / "images.json").read_text())
+        pictures[seed] = [Image.open(tmp_path / f"s{seed}" / r["file"]).tobytes() for r in records]
+    assert len(pictures[0]) == len(pictures[1]) == 3
+    assert len(set(pictures[0]) | set(pictures[1])) == 6
