@@ -33,7 +33,7 @@ __all__ = ['SHAPES', 'PALETTE', 'COLORS', 'BACKGROUND', 'WORLD_DEFAULTS', 'UNIT_
            'make_caption', 'sample_caption', 'ObjectSpec', 'CaptionSpec', 'parse_caption', 'check_spec_details',
            'check_spec', 'vqa_question', 'format_choices', 'mc_question', 'object_frequencies', 'pope_negative',
            'pope_question', 'edit_types', 'make_edit', 'scene_split', 'split_seed', 'task_examples', 'build_dataset',
-           'build_dataset_dict', 'write_folder', 'read_folder']
+           'build_dataset_dict', 'json_type', 'check_type', 'read_text', 'read_jsonl', 'write_folder', 'read_folder']
 
 # %% ../nbs/01_toyworld.ipynb #e2493642
 SHAPES = ('circle', 'square', 'triangle', 'diamond', 'star', 'cross')
@@ -213,15 +213,12 @@ def render(scene: Scene, size: int = 64, antialias: bool = False, background=BAC
 
 # %% ../nbs/01_toyworld.ipynb #37a46cd5
 def to_rgb_array(image, background=BACKGROUND) -> np.ndarray:
-    """`image` as an `(H, W, 3)` uint8 RGB array. Accepts PIL images of any mode (alpha is composited on
-    `background`), numpy arrays or torch tensors shaped (H, W), (H, W, 3|4) or (3|4, H, W), either uint8 or
+    """`image` as an `(H, W, 3)` uint8 RGB array. Accepts PIL images of any mode (`core.to_rgb8`: 16-bit scaled by
+    its range, alpha composited on `background`), numpy arrays or torch tensors shaped (H, W), (H, W, 3|4) or (3|4, H, W), either uint8 or
     float in [0, 1]."""
     if isinstance(image, Image.Image):
-        if image.mode in ('RGBA', 'LA', 'PA') or (image.mode == 'P' and 'transparency' in image.info):
-            rgba = image.convert('RGBA')
-            canvas = Image.new('RGBA', rgba.size, tuple(background) + (255,))
-            image = Image.alpha_composite(canvas, rgba)
-        return np.asarray(image.convert('RGB'))
+        from illume_ref.core import to_rgb8   # imported here: the toy world itself needs no torch
+        return np.asarray(to_rgb8(image, background))
     if hasattr(image, 'detach'): image = image.detach().cpu().numpy()  # a torch tensor, without importing torch
     a = np.asarray(image)
     if a.ndim == 3 and a.shape[0] in (3, 4) and a.shape[-1] not in (3, 4): a = np.moveaxis(a, 0, -1)
@@ -1094,75 +1091,130 @@ def build_dataset_dict(task: str, sizes: dict | None = None, seed: int | None = 
 
 # %% ../nbs/01_toyworld.ipynb #9143ea28
 METADATA_FILE = 'metadata.jsonl'
+_JSON_NAMES = {str: 'a string', int: 'an integer', float: 'a number', bool: 'true/false', list: 'a list',
+               dict: 'an object', type(None): 'null'}
+
+
+def json_type(value) -> str:
+    "The JSON name of `value`'s type ('a string', 'an integer', 'a list', 'null', ...), for error messages."
+    return _JSON_NAMES.get(type(value), type(value).__name__)
+
+
+def check_type(value, types, where: str, field: str):
+    """`value` when it is one of `types` (a type or a tuple of types; true/false is not an integer here), else a
+    ValueError naming `where` (file:line), the field, what it must be and what it is."""
+    types = types if isinstance(types, tuple) else (types,)
+    if isinstance(value, types) and (type(value) is not bool or bool in types): return value
+    got = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + '...'
+    raise ValueError(f"{where}: field {field!r} must be {' or '.join(_JSON_NAMES.get(t, t.__name__) for t in types)}, "
+                     f"got {json_type(value)} {got}")
+
+
+def read_text(path) -> str:
+    """The text of the UTF-8 file `path` (a leading byte-order mark dropped), or an error naming the file: missing,
+    a folder, or not UTF-8 (with the offset and line of the first byte that does not decode)."""
+    path = Path(path)
+    if not path.exists(): raise FileNotFoundError(f"no such file: '{path}'")
+    if path.is_dir(): raise ValueError(f"'{path}' is a folder: expected a text file")
+    data = path.read_bytes()
+    bom = 3 if data.startswith(b'\xef\xbb\xbf') else 0
+    try: return data[bom:].decode('utf-8')
+    except UnicodeDecodeError as e:
+        at = bom + e.start
+        line = data.count(b'\n', 0, at) + 1
+        raise ValueError(f"'{path}' is not UTF-8 text: byte 0x{data[at]:02x} at offset {at} (line {line}) does not "
+                         "decode; save the file as UTF-8") from None
+
+
+def read_jsonl(path, text: str | None = None) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of the JSON-lines file `path` (or of its `text`, already read);
+    errors name the file and line of a line that is not one JSON object."""
+    path, rows = Path(path), []
+    text = read_text(path) if text is None else text
+    for n, line in enumerate(text.split('\n'), 1):         # not splitlines(): U+2028 may sit inside a JSON string
+        if not line.strip(): continue
+        try: rec = json.loads(line)
+        except json.JSONDecodeError as e: raise ValueError(f"{path}:{n}: malformed JSON line ({e.msg} at column {e.colno})") from None
+        if not isinstance(rec, dict): raise ValueError(f"{path}:{n}: expected a JSON object, got {json_type(rec)}")
+        rows.append((n, rec))
+    return rows
 
 
 def _file_key(column: str) -> str: return 'file_name' if column == 'image' else f"{column}_file"
 
 
 def write_folder(dataset, path) -> Path:
-    "Write `dataset` (image columns as PNG files) to folder `path` with a `metadata.jsonl` index; returns the path."
+    """Write `dataset` (image columns as 8-bit RGB PNG files, alpha composited on `BACKGROUND`) to folder `path` with a
+    `metadata.jsonl` index, written last and atomically (a reader sees the old index or the new one); returns the path."""
     import datasets as hf
+    from illume_ref.core import atomic_write
     path = Path(path); (path / 'images').mkdir(parents=True, exist_ok=True)
     image_cols = [k for k, f in dataset.features.items() if isinstance(f, hf.Image)]
-    with open(path / METADATA_FILE, 'w') as fh:
+    with atomic_write(path / METADATA_FILE) as fh:
         for i, row in enumerate(dataset):
             rec = {}
             for k, v in row.items():
-                if k in image_cols:
-                    name = f"images/{i:06d}_{k}.png"
-                    v.convert('RGB').save(path / name)
-                    rec[_file_key(k)] = name
-                else:
-                    rec[k] = v
+                if k not in image_cols: rec[k] = v; continue
+                name = None if v is None else f"images/{i:06d}_{k}.png"
+                if v is not None: Image.fromarray(to_rgb_array(v)).save(path / name)
+                rec[_file_key(k)] = name
             fh.write(json.dumps(rec) + '\n')
     return path
 
 
+def _read_image_file(root: Path, value, where: str, field: str):
+    """The `datasets.Image` value of the image file `value` (relative to `root`) as `core.open_image` reads it (8-bit
+    RGB, alpha on `BACKGROUND`, 16-bit scaled, tiny files refused): an RGB file by its path, any other as that PNG."""
+    from illume_ref.core import open_image
+    if value is None: return None
+    f = root / check_type(value, str, where, field)
+    try: im = open_image(f, background=BACKGROUND)
+    except (FileNotFoundError, ValueError) as e: raise type(e)(f"{where}: field {field!r}: {e}") from None
+    with Image.open(f) as raw: mode = raw.mode
+    if mode == 'RGB': return {'bytes': None, 'path': str(f)}
+    buf = io.BytesIO(); im.save(buf, format='PNG')
+    return {'bytes': buf.getvalue(), 'path': None}          # `datasets` would read a path again, not these bytes
+
+
 def read_folder(path, image_columns: Sequence[str] | None = None):
     """A `datasets.Dataset` from a folder with `metadata.jsonl`: keys 'file_name' (-> column 'image') and
-    '<column>_file' (-> '<column>') name image files relative to the folder (or `image_columns` lists such keys)."""
+    '<column>_file' (-> '<column>') name image files relative to the folder (or `image_columns` lists such keys).
+    Errors name the file and line: not UTF-8, malformed lines, other keys than the first line's, a field whose type
+    differs from the first line's, image names that are not strings, missing, unreadable or tiny images."""
     import datasets as hf
     path = Path(path)
     meta = path / METADATA_FILE if path.is_dir() else path
-    root = meta.parent
     if not meta.exists(): raise FileNotFoundError(f"no {METADATA_FILE} in {path}")
-    rows = []
-    with open(meta) as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip(): continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{meta}:{lineno}: malformed JSON line ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict): raise ValueError(f"{meta}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            rows.append((lineno, rec))
+    rows = read_jsonl(meta)
     if not rows: raise ValueError(f"{meta} has no examples")
-    keys = list(rows[0][1])
+    (first, keys) = rows[0][0], list(rows[0][1])
     is_image = lambda k: k == 'file_name' or k.endswith('_file') or (image_columns is not None and k in image_columns)
     col = lambda k: 'image' if k == 'file_name' else (k[:-5] if k.endswith('_file') else k)
-    columns = {col(k): [] for k in keys}
-    for lineno, rec in rows:
-        if list(rec) != keys: raise ValueError(f"{meta}:{lineno}: keys {sorted(rec)} differ from line {rows[0][0]}'s {sorted(keys)}")
-        for k, v in rec.items():
-            if is_image(k):
-                f = root / v
-                try:
-                    data = f.read_bytes()
-                    with Image.open(io.BytesIO(data)) as im: im.load()
-                except Exception as e:
-                    raise ValueError(f"cannot read image {f} (line {lineno} of {meta}): {type(e).__name__}: {e}") from None
-                v = {'bytes': data, 'path': str(f)}
+    kind = lambda v: 'a number' if type(v) in (int, float) else json_type(v)   # ints and floats share a column
+    columns, kinds = {col(k): [] for k in keys}, {}
+    for n, rec in rows:
+        where = f"{meta}:{n}"
+        if set(rec) != set(keys):
+            raise ValueError(f"{where}: keys {sorted(rec)} differ from line {first}'s {sorted(keys)}")
+        for k in keys:
+            v = rec[k]
+            if is_image(k): v = _read_image_file(meta.parent, v, where, k)
+            elif v is not None:
+                line, t = kinds.setdefault(k, (n, kind(v)))
+                if kind(v) != t: raise ValueError(f"{where}: field {k!r} is {json_type(v)} {v!r:.40}, but line {line} has {t}")
             columns[col(k)].append(v)
     features = hf.Features({col(k): hf.Image() if is_image(k) else _infer_feature(columns[col(k)]) for k in keys})
-    return hf.Dataset.from_dict(columns, features=features)
+    try: return hf.Dataset.from_dict(columns, features=features)
+    except (TypeError, ValueError) as e:  # nested values that do not share one type
+        raise ValueError(f"{meta}: the records do not form one table ({type(e).__name__}: {e})") from None
 
 
 def _infer_feature(values):
     import datasets as hf
     v = next((x for x in values if x is not None), '')
     if isinstance(v, bool): return hf.Value('bool')
-    if isinstance(v, int): return hf.Value('int64')
-    if isinstance(v, float): return hf.Value('float64')
+    if isinstance(v, (int, float)):
+        return hf.Value('float64' if any(type(x) is float for x in values) else 'int64')
     if isinstance(v, list): return hf.List(_infer_feature([x for vs in values for x in vs]))
     if isinstance(v, dict): return {k: _infer_feature([x.get(k) for x in values]) for k in v}
     return hf.Value('string')

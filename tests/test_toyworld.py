@@ -12,7 +12,8 @@ from illume_ref.toyworld import (
     CaptionSpec, Detection, ObjectSpec, Scene, ToyObject, build_dataset, build_dataset_dict, check_spec,
     check_spec_details, detect, detect_scene, edit_types, make_caption, make_edit, mc_question, oracle_accuracy,
     oracle_robustness, parse_caption, perturb, pope_negative, pope_question, read_folder, render, sample_caption,
-    sample_scene, caption_categories, scene_split, to_rgb_array, vqa_question, write_folder)
+    sample_scene, caption_categories, scene_split, to_rgb_array, vqa_question, write_folder,
+    BACKGROUND, METADATA_FILE, check_type, read_jsonl, read_text)
 
 
 # --- scenes -------------------------------------------------------------------------------------------------------
@@ -330,5 +331,108 @@ def test_folder_errors_name_file_and_line(tmp_path):
     lines = (tmp_path / 'metadata.jsonl').read_text().splitlines()[:5]
     (tmp_path / 'metadata.jsonl').write_text('\n'.join(lines) + '\n')
     (tmp_path / 'images' / '000002_image.png').write_bytes(b'\x89PNG garbage')
-    with pytest.raises(ValueError, match=r'000002_image\.png.*line 3'): read_folder(tmp_path)
+    with pytest.raises(ValueError, match=r"metadata\.jsonl:3: field 'file_name': cannot read image .*000002_image\.png"):
+        read_folder(tmp_path)
     with pytest.raises(FileNotFoundError, match='metadata.jsonl'): read_folder(tmp_path / 'images')
+
+
+# --- bad input to the folder readers: every error names the file, line and field -----------------------------------
+def test_read_text_names_file_offset_and_line(tmp_path):
+    (tmp_path / 'latin1.jsonl').write_bytes(b'{"a": 1}\n{"b": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"latin1\.jsonl' is not UTF-8 text: byte 0xe9 at offset 19 \(line 2\)"):
+        read_text(tmp_path / 'latin1.jsonl')
+    (tmp_path / 'bom.jsonl').write_bytes(b'\xef\xbb\xbf{"a": 1}\n')
+    assert read_jsonl(tmp_path / 'bom.jsonl') == [(1, {'a': 1})]                  # a byte-order mark is dropped
+    with pytest.raises(FileNotFoundError, match='nothere.jsonl'): read_text(tmp_path / 'nothere.jsonl')
+    with pytest.raises(ValueError, match='is a folder'): read_text(tmp_path)
+
+
+def test_read_jsonl_lines(tmp_path):
+    (tmp_path / 'r.jsonl').write_text('{"t": "a\u2028b"}\n\n[1]\n', encoding='utf-8')
+    with pytest.raises(ValueError, match=r'r\.jsonl:3: expected a JSON object, got a list'): read_jsonl(tmp_path / 'r.jsonl')
+    (tmp_path / 'r.jsonl').write_text('{"t": "a\u2028b"}\n\n{"t": "c"}\n', encoding='utf-8')
+    assert read_jsonl(tmp_path / 'r.jsonl') == [(1, {'t': 'a\u2028b'}), (3, {'t': 'c'})]   # U+2028 ends no line
+
+
+def test_check_type_names_field_expected_and_got():
+    assert check_type(3, (int, str), 'f:1', 'question_id') == 3
+    with pytest.raises(ValueError, match=r"f:2: field 'question_id' must be an integer or a string, got true/false True"):
+        check_type(True, (int, str), 'f:2', 'question_id')
+    with pytest.raises(ValueError, match=r"f:3: field 'text' must be a string, got null None"): check_type(None, str, 'f:3', 'text')
+
+
+def _folder(tmp_path, n=3):
+    write_folder(build_dataset('vqa', 'test', n, seed=0), tmp_path)
+    return [json.loads(l) for l in (tmp_path / METADATA_FILE).read_text().splitlines()]
+
+
+def _rewrite(tmp_path, recs):
+    (tmp_path / METADATA_FILE).write_text(''.join(json.dumps(r) + '\n' for r in recs))
+
+
+def test_folder_metadata_not_utf8(tmp_path):
+    _folder(tmp_path)
+    with open(tmp_path / METADATA_FILE, 'ab') as fh: fh.write(b'{"question": "\xff"}\n')
+    with pytest.raises(ValueError, match=r"metadata\.jsonl' is not UTF-8 text: .*\(line 4\)"): read_folder(tmp_path)
+
+
+def test_folder_field_types(tmp_path):
+    recs = _folder(tmp_path)
+    _rewrite(tmp_path, [recs[0], {**recs[1], 'file_name': 7}, recs[2]])
+    with pytest.raises(ValueError, match=r"metadata\.jsonl:2: field 'file_name' must be a string, got an integer 7"):
+        read_folder(tmp_path)
+    _rewrite(tmp_path, [recs[0], recs[1], {**recs[2], 'answer': 3}])
+    with pytest.raises(ValueError, match=r"metadata\.jsonl:3: field 'answer' is an integer 3, but line 1 has a string"):
+        read_folder(tmp_path)
+    _rewrite(tmp_path, [{**recs[0], 'tags': [1]}, {**recs[1], 'tags': ['x']}, {**recs[2], 'tags': [2]}])
+    with pytest.raises(ValueError, match=r"metadata\.jsonl: the records do not form one table"): read_folder(tmp_path)
+
+
+def test_folder_keys_in_another_order_and_ints_with_floats(tmp_path):
+    recs = _folder(tmp_path)
+    _rewrite(tmp_path, [{**recs[0], 'w': 1}, dict(reversed(list({**recs[1], 'w': 2.5}.items()))), {**recs[2], 'w': None}])
+    ds = read_folder(tmp_path)
+    assert ds.column_names[:2] == ['image', 'question'] and list(ds['w']) == [1.0, 2.5, None]
+
+
+def test_folder_missing_tiny_and_16bit_images(tmp_path):
+    recs = _folder(tmp_path)
+    (tmp_path / recs[1]['file_name']).unlink()
+    with pytest.raises(FileNotFoundError, match=r"metadata\.jsonl:2: field 'file_name': no such image file: .*000001_image\.png"):
+        read_folder(tmp_path)
+    Image.new('RGB', (1, 1)).save(tmp_path / recs[1]['file_name'])
+    with pytest.raises(ValueError, match=r"metadata\.jsonl:2: field 'file_name': image .* is 1x1 px"): read_folder(tmp_path)
+    Image.fromarray(np.full((16, 16), 32768, np.uint16)).save(tmp_path / recs[1]['file_name'])      # 16-bit grey
+    Image.new('RGBA', (16, 16), (0, 0, 0, 0)).save(tmp_path / recs[2]['file_name'])                 # fully transparent
+    ds = read_folder(tmp_path)
+    assert ds[1]['image'].mode == 'RGB' and ds[1]['image'].getpixel((0, 0)) == (128, 128, 128)     # scaled, not clipped
+    assert ds[2]['image'].getpixel((0, 0)) == BACKGROUND                                            # alpha on the canvas
+
+
+def test_to_rgb_array_scales_16bit_images():
+    a = np.full((4, 4), 65535, np.uint16); a[:, :2] = 32768
+    im = Image.fromarray(a)                                                          # mode I;16
+    assert to_rgb_array(im)[0, 0].tolist() == [128] * 3 and to_rgb_array(im)[0, 3].tolist() == [255] * 3
+
+
+def test_write_folder_composites_alpha_and_keeps_missing_images(tmp_path):
+    import datasets as hf
+    ds = hf.Dataset.from_dict({'image': [Image.new('RGBA', (16, 16), (0, 0, 0, 0)), None], 'n': [1, 2]},
+                              features=hf.Features({'image': hf.Image(), 'n': hf.Value('int64')}))
+    back = read_folder(write_folder(ds, tmp_path))
+    assert back[0]['image'].getpixel((3, 3)) == BACKGROUND and back[1]['image'] is None
+    assert json.loads((tmp_path / METADATA_FILE).read_text().splitlines()[1])['file_name'] is None
+
+
+def test_write_folder_keeps_the_old_index_when_writing_fails(tmp_path):
+    ds = build_dataset('vqa', 'test', 3, seed=0)
+    write_folder(ds, tmp_path)
+    before = (tmp_path / METADATA_FILE).read_text()
+
+    class _Breaks:                                  # a data set whose third row cannot be read
+        features = ds.features
+        def __iter__(self):
+            yield ds[0]; yield ds[1]; raise OSError('disk gone')
+    with pytest.raises(OSError, match='disk gone'): write_folder(_Breaks(), tmp_path)
+    assert (tmp_path / METADATA_FILE).read_text() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith('.')]          # no temporary file left behind
