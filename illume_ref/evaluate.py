@@ -24,22 +24,24 @@ import numpy as np
 from PIL import Image
 
 from .config import EvalConfig, IllumeRefConfig, get_config
-from .core import image_grid, in_test, save_json, work_size
+from .core import MIN_IMAGE_SIDE, atomic_write, image_grid, in_test, open_image, save_json, to_rgb8, work_size
 from .toyworld import (BACKGROUND, CAPTION_CATEGORIES, COLOR_SYNONYMS, COLORS, EDIT_TYPES, NUMBER_WORDS,
-                       POPE_VARIANTS, SHAPE_SYNONYMS, SHAPES, VQA_TYPES, Scene, ToyObject, cell_name, check_spec,
-                       detect, detect_scene, draw_detections, format_choices, make_caption, parse_caption, render,
-                       sample_scene, task_examples, to_rgb_array)
+                       POPE_VARIANTS, RELATIONS, SHAPE_SYNONYMS, SHAPES, VQA_TYPES, Scene, ToyObject, cell_name,
+                       check_spec, check_type, detect, detect_scene, draw_detections, format_choices, json_type,
+                       make_caption, parse_caption, read_jsonl, read_text, relation_holds, render, sample_scene,
+                       task_examples, to_rgb_array)
 
 # %% auto #0
-__all__ = ['GENEVAL_CATEGORIES', 'SECTIONS', 'LETTERS', 'PAPER_RESULTS', 'POPE_SUFFIX', 'MMBENCH_SUFFIX', 'ModelLike',
-           'SectionSkipped', 'call_answer', 'call_generate', 'call_edit', 'ToySuite', 'toy_suite', 'image_key',
-           'question_options', 'blank_canvas', 'scene_for_caption', 'OracleModel', 'AlwaysYesModel', 'BlankModel',
-           'RandomModel', 'parse_yes_no', 'pope_metrics', 'eval_pope', 'extract_choice', 'circular_variants',
-           'random_circular_accuracy', 'eval_mmbench', 'normalize_answer', 'eval_vqa', 'read_image', 'eval_geneval',
-           'frechet_distance', 'feature_stats', 'frechet_distance_features', 'encoder_tokens', 'encoder_features',
-           'eval_fid', 'eval_edit', 'headline', 'report_markdown', 'plot_categories', 'failure_grid', 'evaluate',
-           'write_report', 'read_records', 'open_image', 'Skips', 'pope_answers', 'score_pope', 'read_mmbench',
-           'mmbench_prompt', 'has_circular_copies', 'mmbench_predictions', 'score_mmbench', 'geneval_samples',
+__all__ = ['GENEVAL_CATEGORIES', 'SECTIONS', 'LETTERS', 'PAPER_RESULTS', 'FIELD_TYPES', 'POPE_SUFFIX', 'MMBENCH_SUFFIX',
+           'ModelLike', 'SectionSkipped', 'call_answer', 'call_generate', 'call_edit', 'ToySuite', 'toy_suite',
+           'image_key', 'question_options', 'blank_canvas', 'scene_for_caption', 'OracleModel', 'AlwaysYesModel',
+           'BlankModel', 'RandomModel', 'parse_yes_no', 'pope_label', 'pope_metrics', 'eval_pope', 'extract_choice',
+           'circular_variants', 'random_circular_accuracy', 'eval_mmbench', 'normalize_answer', 'eval_vqa',
+           'read_image', 'eval_geneval', 'frechet_distance', 'feature_stats', 'frechet_distance_features',
+           'encoder_tokens', 'encoder_features', 'eval_fid', 'eval_edit', 'headline', 'report_markdown',
+           'plot_categories', 'failure_grid', 'evaluate', 'write_report', 'read_records', 'record_key', 'index_records',
+           'Skips', 'try_open_image', 'pope_answers', 'score_pope', 'read_mmbench', 'mmbench_prompt',
+           'has_circular_copies', 'mmbench_predictions', 'score_mmbench', 'check_geneval_record', 'geneval_samples',
            'toy_geneval_metadata', 'geneval_verdict', 'score_geneval_folder', 'emu_edit_outputs', 'evaluate_real']
 
 # %% ../nbs/09_eval.ipynb #b705c039
@@ -299,18 +301,26 @@ class RandomModel:
 
 # %% ../nbs/09_eval.ipynb #49997c29
 def parse_yes_no(text: str) -> str:
-    "'yes' or 'no' from a free answer, following LLaVA's POPE evaluation (first sentence; 'no'/'not' -> no)."
-    t = (text or '').strip()
+    """'yes' or 'no' from a free answer, following LLaVA's POPE evaluation: keep the first sentence; it is 'no' when
+    it holds the word 'no' or 'not' (any case) or a word ending in "n't" (typographic apostrophe too), else 'yes'."""
+    t = (text or '').strip().replace('\u2019', "'")
     if '.' in t: t = t.split('.')[0]
     words = re.findall(r"[a-z']+", t.lower())
     return 'no' if any(w in ('no', 'not') or w.endswith("n't") for w in words) else 'yes'
 
 
+def pope_label(label, where: str) -> str:
+    "A POPE label as 'yes' or 'no' (case and surrounding spaces ignored); anything else is an error naming `where`."
+    v = label.strip().lower() if isinstance(label, str) else label
+    if v not in ('yes', 'no'): raise ValueError(f"{where}: label {label!r}: expected 'yes' or 'no'")
+    return v
+
+
 def pope_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict:
-    "POPE's table: accuracy, precision, recall, F1 and yes-ratio of yes/no `predictions` against `labels`."
+    "POPE's table: accuracy, precision, recall, F1 and yes-ratio of free answers `predictions` (`parse_yes_no`) against yes/no `labels`."
     if len(predictions) != len(labels): raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels")
     p = [parse_yes_no(x) == 'yes' for x in predictions]
-    y = [str(l).strip().lower() == 'yes' for l in labels]
+    y = [pope_label(l, f"labels[{i}]") == 'yes' for i, l in enumerate(labels)]
     tp = sum(a and b for a, b in zip(p, y)); fp = sum(a and not b for a, b in zip(p, y))
     tn = sum(not a and not b for a, b in zip(p, y)); fn = sum(not a and b for a, b in zip(p, y))
     n = len(y)
@@ -710,7 +720,7 @@ def write_report(metrics: dict, out_dir: str | Path, full: dict | None = None) -
     import matplotlib.pyplot as plt
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     save_json(metrics, out / 'metrics.json')
-    (out / 'report.md').write_text(report_markdown(metrics))
+    with atomic_write(out / 'report.md') as fh: fh.write(report_markdown(metrics))
     if full is not None:
         if metrics.get('suite') == 'toy':
             fig = plot_categories(metrics); fig.savefig(out / 'categories.png', dpi=110); plt.close(fig)
@@ -721,47 +731,83 @@ def write_report(metrics: dict, out_dir: str | Path, full: dict | None = None) -
     return out
 
 # %% ../nbs/09_eval.ipynb #b91b751b
-def read_records(path: str | Path, required: Sequence[str] = ()) -> list[tuple[int, dict]]:
-    """(line number, record) for each record of a JSON-lines file (or a file holding one JSON list); errors name
-    the file and line of a malformed record or one lacking a `required` key; an empty file is an error."""
-    path = Path(path)
-    if not path.exists(): raise FileNotFoundError(f"no such file: '{path}'")
-    text = path.read_text(encoding='utf-8')
-    if not text.strip(): raise ValueError(f"'{path}' is empty: no records to evaluate")
-    rows = []
-    if text.lstrip().startswith('['):
-        try: data = json.loads(text)
+FIELD_TYPES = {'question_id': (int, str), 'idx': (int, str), 'image': str, 'image_path': str, 'file_name': str,
+               'text': str, 'label': str, 'category': str, 'prompt': str, 'tag': str, 'include': list, 'exclude': list,
+               'instruction': str, 'input_caption': str, 'output_caption': str}   # what the adapters read, by field
+
+
+def _json_list_rows(text: str, path: Path) -> list[tuple[int, Any]]:
+    "(line number, element) of a text holding one JSON list; the line is where the element starts."
+    dec, ws, rows, at = json.JSONDecoder(), re.compile(r'\s*'), [], [0, 1]     # at: a position and its line
+    def line(i): at[1] += text.count('\n', at[0], i); at[0] = i; return at[1]
+    i = ws.match(text, text.index('[') + 1).end()
+    while text[i:i + 1] not in (']', ''):
+        try: obj, end = dec.raw_decode(text, i)
         except json.JSONDecodeError as e: raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
-        rows = [(i + 1, r) for i, r in enumerate(data)]
-        where = lambda n: f"{path}: record {n}"
-    else:
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip(): continue
-            try: rows.append((n, json.loads(line)))
-            except json.JSONDecodeError as e: raise ValueError(f"{path}:{n}: malformed JSON line ({e.msg} at column {e.colno})") from None
-        where = lambda n: f"{path}:{n}"
-    if not rows: raise ValueError(f"'{path}' holds no records")
-    for n, r in rows:
-        if not isinstance(r, dict): raise ValueError(f"{where(n)}: expected a JSON object, got {type(r).__name__}")
-        missing = [k for k in required if k not in r]
-        if missing: raise ValueError(f"{where(n)}: record lacks {', '.join(repr(k) for k in missing)}")
+        rows.append((line(i), obj))
+        i = ws.match(text, end).end()
+        if text[i:i + 1] == ',': i = ws.match(text, i + 1).end()
+        elif text[i:i + 1] != ']': raise ValueError(f"{path}:{line(i)}: malformed JSON (expected ',' or ']' after a record)")
+    if text[i:i + 1] != ']' or text[i + 1:].strip():
+        raise ValueError(f"{path}:{line(i)}: malformed JSON (the list does not end with one ']')")
     return rows
 
 
-def open_image(path: str | Path) -> tuple[Image.Image | None, str | None]:
-    "(RGB image, None), or (None, reason) when the file is missing or unreadable."
-    p = Path(path)
-    if not p.exists(): return None, 'missing image'
-    try:
-        with Image.open(p) as im: return im.convert('RGB'), None
-    except Exception as e: return None, f"unreadable image ({type(e).__name__})"
+def read_records(path: str | Path, required: Sequence[str] = (), optional: Sequence[str] = ()) -> list[tuple[int, dict]]:
+    """(line number, record) for each record of a JSON-lines file (or a file holding one JSON list). Errors name
+    the file and line: not UTF-8, a malformed record, a `required` field missing, a `required` field or a present
+    (not null) `optional` one of another type than `FIELD_TYPES` says; an empty file is an error."""
+    path = Path(path)
+    text = read_text(path)
+    if not text.strip(): raise ValueError(f"'{path}' is empty: no records to evaluate")
+    rows = _json_list_rows(text, path) if text.lstrip().startswith('[') else read_jsonl(path, text)
+    if not rows: raise ValueError(f"'{path}' holds no records")
+    for n, r in rows:
+        if not isinstance(r, dict): raise ValueError(f"{path}:{n}: expected a JSON object, got {json_type(r)}")
+        missing = [k for k in required if k not in r]
+        if missing: raise ValueError(f"{path}:{n}: record lacks {', '.join(repr(k) for k in missing)}")
+        for k in (*required, *optional):
+            if k in FIELD_TYPES and (k in required or r.get(k) is not None): check_type(r[k], FIELD_TYPES[k], f"{path}:{n}", k)
+    return rows
+
+
+def record_key(value) -> str:
+    "The key ids are matched by across files: an integer and its digits alike (`7`, `'7'`, `' 007'` -> `'7'`)."
+    s = str(value).strip()
+    return str(int(s)) if re.fullmatch(r'[+-]?\d+', s) else s
+
+
+def index_records(rows: Sequence[tuple[int, dict]], field: str, path) -> dict[str, tuple[int, dict]]:
+    "`{record_key(record[field]): (line, record)}`; a second record with the same id is an error naming both lines."
+    out = {}
+    for n, r in rows:
+        k = record_key(r[field])
+        if k in out: raise ValueError(f"{path}:{n}: duplicate {field} {r[field]!r} (line {out[k][0]} has {out[k][1][field]!r})")
+        out[k] = (n, r)
+    return out
 
 
 class Skips:
-    "Counts skipped items by reason and keeps where each was (file:line), for the summary."
+    "Counts skipped items by reason and keeps where each was (file:line) and why, for the summary."
     def __init__(self): self.counts, self.where = Counter(), []
-    def add(self, reason: str, where: str): self.counts[reason] += 1; self.where.append(f"{where}: {reason}")
+    def add(self, reason: str, where: str, detail: str = ''):
+        self.counts[reason] += 1; self.where.append(f"{where}: {detail or reason}")
     def summary(self) -> dict: return {'skipped': dict(self.counts), 'skipped_items': self.where[:100]}
+
+
+def try_open_image(source: str | Path | bytes, skips: Skips, where: str, suffix: str = '', background=BACKGROUND):
+    """An 8-bit RGB image from a file (`core.open_image`) or from the bytes of one (MMBench's base64 cells): 16-bit
+    scaled, alpha composited on the toy canvas `BACKGROUND`. None when it cannot be used, the reason (+ `suffix`)
+    counted in `skips`: 'missing image', 'unreadable image', or 'image too small' (under `MIN_IMAGE_SIDE` px)."""
+    try:
+        if not isinstance(source, bytes): im = open_image(source, background, min_side=0)
+        else:
+            with Image.open(io.BytesIO(source)) as raw: raw.load(); im = to_rgb8(raw, background)
+    except FileNotFoundError as e: return skips.add('missing image' + suffix, where, str(e))
+    except (ValueError, OSError) as e: return skips.add('unreadable image' + suffix, where, f"{type(e).__name__}: {e}")
+    if min(im.size) < MIN_IMAGE_SIDE:
+        return skips.add('image too small' + suffix, where, f"{im.size[0]}x{im.size[1]} px, under {MIN_IMAGE_SIDE} px a side")
+    return im
 
 # %% ../nbs/09_eval.ipynb #84d4d265
 POPE_SUFFIX = "\nAnswer the question using a single word or phrase."
@@ -769,16 +815,18 @@ POPE_SUFFIX = "\nAnswer the question using a single word or phrase."
 
 def pope_answers(model, question_file, image_folder, answers_file, model_id: str = 'illume_ref', batch_size: int = 32,
                  suffix: str = POPE_SUFFIX) -> dict:
-    "Answer POPE's questions with `model` and write LLaVA-style answer lines to `answers_file`; returns a summary."
-    rows = read_records(question_file, ('question_id', 'image', 'text'))
+    """Answer POPE's questions with `model` and write LLaVA-style answer lines to `answers_file` (atomically); returns
+    a summary. The question file is checked before the model runs: field types, duplicate ids, labels when present."""
+    rows = read_records(question_file, ('question_id', 'image', 'text'), ('label', 'category'))
+    index_records(rows, 'question_id', question_file)
+    for n, r in rows:
+        if 'label' in r: pope_label(r['label'], f"{question_file}:{n}")
     skips, todo = Skips(), []
     for n, r in rows:
-        im, why = open_image(Path(image_folder) / r['image'])
-        if why: skips.add(why, f"{question_file}:{n} ({r['image']})")
-        else: todo.append((r, im))
+        im = try_open_image(Path(image_folder) / r['image'], skips, f"{question_file}:{n} ({r['image']})")
+        if im is not None: todo.append((r, im))
     answers = call_answer(model, [im for _, im in todo], [r['text'] + suffix for r, _ in todo], batch_size)
-    Path(answers_file).parent.mkdir(parents=True, exist_ok=True)
-    with open(answers_file, 'w') as fh:
+    with atomic_write(answers_file) as fh:
         for (r, _), a in zip(todo, answers):
             fh.write(json.dumps({'question_id': r['question_id'], 'prompt': r['text'], 'text': a,
                                  'answer_id': uuid.uuid5(uuid.NAMESPACE_URL, f"{model_id}/{r['question_id']}").hex,
@@ -787,16 +835,21 @@ def pope_answers(model, question_file, image_folder, answers_file, model_id: str
 
 
 def score_pope(answers_file, question_file) -> dict:
-    "POPE metrics of an answers file against the labels in the question file (per 'category' if present)."
-    qs = {r['question_id']: (n, r) for n, r in read_records(question_file, ('question_id', 'label'))}
-    ans = {r['question_id']: r['text'] for _, r in read_records(answers_file, ('question_id', 'text'))}
+    """POPE metrics of an answers file against the labels in the question file (per 'category' if present). Ids
+    match by `record_key` (`1` and `"1"` alike). Errors name the file and line: a label other than yes/no (any case),
+    an id twice in either file, an answer to a question the question file does not hold."""
+    qs = index_records(read_records(question_file, ('question_id', 'label'), ('category',)), 'question_id', question_file)
+    ans = index_records(read_records(answers_file, ('question_id', 'text')), 'question_id', answers_file)
+    for k, (n, r) in ans.items():
+        if k not in qs: raise ValueError(f"{answers_file}:{n}: question_id {r['question_id']!r} is not in '{question_file}'")
     groups = defaultdict(lambda: ([], []))
-    for qid, (n, r) in qs.items():
-        if qid not in ans: continue
+    for k, (n, r) in qs.items():
+        label = pope_label(r['label'], f"{question_file}:{n}")
+        if k not in ans: continue
         for g in ('all', r.get('category')):
-            if g: groups[g][0].append(ans[qid]); groups[g][1].append(r['label'])
+            if g: groups[g][0].append(ans[k][1]['text']); groups[g][1].append(label)
     out = {g: pope_metrics(*v) for g, v in groups.items()}
-    out['unanswered'] = sum(qid not in ans for qid in qs)
+    out['unanswered'] = sum(k not in ans for k in qs)
     return out
 
 # %% ../nbs/09_eval.ipynb #f8d96570
@@ -804,32 +857,43 @@ MMBENCH_SUFFIX = "\nAnswer with the option's letter from the given choices direc
 _MISSING = ('', 'nan', 'NaN', 'None')
 
 
+def _letters(n: int) -> tuple[str, ...]: return tuple(LETTERS[:n])
+
+
+def _mmbench_row(r: dict, where: str) -> dict:
+    "One TSV row with 'options' added (see `read_mmbench`) and its index and answer checked."
+    if not re.fullmatch(r'\s*\d+\s*', r['index']): raise ValueError(f"{where}: field 'index' must be an integer, got {r['index']!r}")
+    opts = [r[l] for l in LETTERS if l in r]
+    while opts and opts[-1] in _MISSING: opts.pop()
+    r['options'] = ['' if o in _MISSING else o for o in opts]
+    if len(r['options']) < 2: raise ValueError(f"{where}: expected at least the options A and B, got {len(r['options'])}")
+    a = r.get('answer', '')
+    if a not in _MISSING and a not in _letters(len(opts)):
+        raise ValueError(f"{where}: field 'answer' must be one of {', '.join(_letters(len(opts)))}, got {a!r}")
+    return r
+
+
 def read_mmbench(tsv_path) -> list[tuple[int, dict]]:
     """(line number, row) of an MMBench TSV, with 'options' added: the A-H columns in order, less the empty ones at
     the end (a question with 3 options leaves D empty). An empty option between two filled ones is kept (as ''),
-    so every later option keeps its letter."""
+    so every later option keeps its letter. Errors name the file and line: not UTF-8, a missing column, a row with
+    too few or too many fields, an index that is not an integer or that another row has, an answer that is not the
+    letter of an option."""
     path = Path(tsv_path)
-    if not path.exists(): raise FileNotFoundError(f"no such file: '{path}'")
     csv.field_size_limit(sys.maxsize)
-    with open(path, newline='', encoding='utf-8') as fh:
-        reader = csv.DictReader(fh, delimiter='\t')
-        if not reader.fieldnames: raise ValueError(f"'{path}' is empty: no MMBench rows")
-        missing = [c for c in ('index', 'question', 'A', 'B') if c not in reader.fieldnames]
-        if missing: raise ValueError(f"{path}:1: header lacks the MMBench column(s) {', '.join(missing)}")
-        rows = []
-        for n, r in enumerate(reader, 2):
-            if None in r or any(v is None for v in r.values()):
-                raise ValueError(f"{path}:{n}: malformed row (expected {len(reader.fieldnames)} tab-separated fields)")
-            opts = [r[l] for l in LETTERS if l in r]
-            while opts and opts[-1] in _MISSING: opts.pop()
-            r['options'] = ['' if o in _MISSING else o for o in opts]
-            rows.append((n, r))
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=''), delimiter='\t')
+    if not reader.fieldnames: raise ValueError(f"'{path}' is empty: no MMBench rows")
+    missing = [c for c in ('index', 'question', 'A', 'B') if c not in reader.fieldnames]
+    if missing: raise ValueError(f"{path}:1: header lacks the MMBench column(s) {', '.join(missing)}")
+    rows = []
+    for r in reader:
+        n = reader.line_num
+        if None in r or any(v is None for v in r.values()):
+            raise ValueError(f"{path}:{n}: malformed row (expected {len(reader.fieldnames)} tab-separated fields)")
+        rows.append((n, _mmbench_row(r, f"{path}:{n}")))
     if not rows: raise ValueError(f"'{path}' holds no MMBench rows")
+    index_records(rows, 'index', path)
     return rows
-
-
-def _decode_b64_image(s: str) -> Image.Image:
-    with Image.open(io.BytesIO(base64.b64decode(s, validate=False))) as im: return im.convert('RGB')
 
 
 def mmbench_prompt(row: dict, options: Sequence[str] | None = None) -> str:
@@ -841,25 +905,34 @@ def mmbench_prompt(row: dict, options: Sequence[str] | None = None) -> str:
 
 def has_circular_copies(rows: Sequence[tuple[int, dict]]) -> bool:
     "Whether `read_mmbench` rows already hold CircularEval's rotated copies (an index >= 1,000,000)."
-    return any(str(r['index']).strip().isdigit() and int(r['index']) >= 1_000_000 for _, r in rows)
+    return any(int(r['index']) >= 1_000_000 for _, r in rows)
+
+
+def _mmbench_image(r: dict, by_index: dict, skips: Skips, where: str):
+    "The row's image: base64 in its 'image' cell, or in the row whose index that cell holds (a short number)."
+    raw, ref = r.get('image', ''), re.compile(r'\s*\d{1,15}\s*')
+    if ref.fullmatch(raw):
+        if record_key(raw) not in by_index: return skips.add('missing image', where, f"refers to index {raw.strip()}, not in the file")
+        raw = by_index[record_key(raw)][1].get('image', '')
+    if raw in _MISSING or ref.fullmatch(raw): return skips.add('missing image', where)
+    try: data = base64.b64decode(raw, validate=False)
+    except ValueError as e: return skips.add('unreadable image', where, f"not base64 ({e})")
+    return try_open_image(data, skips, where)
 
 
 def mmbench_predictions(model, tsv_path, out_path, circular: bool = False, batch_size: int = 32) -> dict:
-    """Answer an MMBench TSV and write the predictions TSV (+ xlsx when openpyxl is there); returns a summary.
-    `circular=True` adds the rotated copies, unless the file already holds them (`has_circular_copies`)."""
+    """Answer an MMBench TSV and write the predictions TSV (atomically; + xlsx when openpyxl is there); returns a
+    summary. `circular=True` adds the rotated copies, unless the file already holds them (`has_circular_copies`)."""
     rows = read_mmbench(tsv_path)
     in_file = has_circular_copies(rows)
     if circular and in_file: circular = False                             # the official TSVs: rotate nothing again
-    by_index = {r['index']: r for _, r in rows}
+    by_index = index_records(rows, 'index', tsv_path)
     skips, todo = Skips(), []
     for n, r in rows:
-        raw = r.get('image', '')
-        if raw.strip().isdigit() and len(raw) < 16: raw = by_index.get(raw.strip(), {}).get('image', '')  # a reference
-        if raw in _MISSING: skips.add('missing image', f"{tsv_path}:{n}"); continue
-        try: im = _decode_b64_image(raw)
-        except Exception as e: skips.add(f"unreadable image ({type(e).__name__})", f"{tsv_path}:{n}"); continue
+        im = _mmbench_image(r, by_index, skips, f"{tsv_path}:{n}")
+        if im is None: continue
         variants = [(r['options'], r.get('answer', ''), 0)]
-        if circular and r.get('answer', '') in LETTERS[:len(r['options'])]:
+        if circular and r.get('answer', '') in _letters(len(r['options'])):
             variants = [(o, a, k) for k, (o, a) in enumerate(circular_variants(r['options'], r['answer']))]
         for opts, ans, k in variants: todo.append((r, im, opts, ans, k))
     preds = call_answer(model, [t[1] for t in todo], [mmbench_prompt(t[0], t[2]) for t in todo], batch_size)
@@ -873,9 +946,9 @@ def mmbench_predictions(model, tsv_path, out_path, circular: bool = False, batch
         if 'answer' in row: row['answer'] = ans
         row['prediction'] = p
         out_rows.append(row)
-    out_path = Path(out_path); out_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_path, 'w', newline='', encoding='utf-8') as fh:
-        w = csv.DictWriter(fh, fieldnames=cols + ['prediction'], delimiter='\t')
+    out_path = Path(out_path)
+    with atomic_write(out_path) as fh:
+        w = csv.DictWriter(fh, fieldnames=cols + ['prediction'], delimiter='\t', lineterminator='\n')
         w.writeheader(); w.writerows(out_rows)
     xlsx = None
     try:
@@ -890,11 +963,14 @@ def mmbench_predictions(model, tsv_path, out_path, circular: bool = False, batch
 
 
 def score_mmbench(predictions_tsv) -> dict:
-    "Local CircularEval of a predictions TSV that has the 'answer' column: rows grouped by index mod 1,000,000."
+    """Local CircularEval of a predictions TSV with the 'answer' and 'prediction' columns: rows grouped by index mod
+    1,000,000. A row without an answer is an error naming the file and line."""
     rows = read_mmbench(predictions_tsv)
-    if 'answer' not in rows[0][1]: raise ValueError(f"{predictions_tsv}: no 'answer' column to score against (test split?)")
+    for col in ('answer', 'prediction'):
+        if col not in rows[0][1]: raise ValueError(f"{predictions_tsv}:1: no {col!r} column to score (test split?)")
     groups = defaultdict(list)
-    for _, r in rows:
+    for n, r in rows:
+        if r['answer'] in _MISSING: raise ValueError(f"{predictions_tsv}:{n}: no answer to score against")
         groups[int(r['index']) % 1_000_000].append(extract_choice(r['prediction'], r['options']) == r['answer'])
     circ = [all(v) for v in groups.values()]
     return {'circular_accuracy': float(np.mean(circ)), 'n_questions': len(circ), 'n_rows': len(rows)}
@@ -906,20 +982,46 @@ def _require_empty(folder: Path, what: str):
                               "choose another folder (nothing was written)")
 
 
+def check_geneval_record(rec: dict, where: str) -> dict:
+    """`rec` when its 'include' and 'exclude' entries are what GenEval's scorer reads: objects with a 'class' string,
+    a 'count' of at least 1, an optional 'color' string and (include only) an optional 'position' `[relation, i]`
+    naming another include entry; else an error naming `where`, the entry and the field."""
+    inc = rec['include']
+    for key in ('include', 'exclude'):
+        for i, req in enumerate(rec.get(key) or []):
+            w = f"{where}: {key}[{i}]"
+            if not isinstance(req, dict): raise ValueError(f"{w} must be an object, got {json_type(req)}")
+            for f, t in (('class', str), ('count', int)): check_type(req.get(f), t, w, f)
+            if req['count'] < 1: raise ValueError(f"{w}: field 'count' must be at least 1, got {req['count']}")
+            if req.get('color') is not None: check_type(req['color'], str, w, 'color')
+            pos = req.get('position')
+            if pos is not None and not (key == 'include' and isinstance(pos, list) and len(pos) == 2 and pos[0] in RELATIONS
+                                        and type(pos[1]) is int and 0 <= pos[1] < len(inc) and pos[1] != i):
+                raise ValueError(f"{w}: field 'position' must be [relation, index of another include entry] with a relation "
+                                 f"among {', '.join(RELATIONS)}, got {pos!r}")
+    return rec
+
+
+def _geneval_records(path) -> list[tuple[int, dict]]:
+    rows = read_records(path, ('prompt', 'tag', 'include'), ('exclude',))
+    for n, r in rows:
+        if not r['prompt'].strip(): raise ValueError(f"{path}:{n}: empty prompt")
+        check_geneval_record(r, f"{path}:{n}")
+    return rows
+
+
 def geneval_samples(model, metadata_file, outdir, n_samples: int = 4, seed: int = 0, batch_size: int = 8) -> dict:
     """Generate `n_samples` images per GenEval prompt into GenEval's folder layout; returns a summary.
     `outdir` must be new or empty (GenEval's scorer reads every sample folder in it)."""
     outdir = Path(outdir)
     _require_empty(outdir, 'GenEval samples')
-    rows = read_records(metadata_file, ('prompt', 'tag', 'include'))
-    for n, r in rows:
-        if not str(r['prompt']).strip(): raise ValueError(f"{metadata_file}:{n}: empty prompt")
+    rows = _geneval_records(metadata_file)
     skips = Skips()
     gens = call_generate(model, [r['prompt'] for _, r in rows], n_samples, seed, batch_size)
     written = 0
     for i, ((n, r), imgs) in enumerate(zip(rows, gens)):
         folder = outdir / f"{i:05d}"; (folder / 'samples').mkdir(parents=True, exist_ok=True)
-        (folder / 'metadata.jsonl').write_text(json.dumps(r))
+        with atomic_write(folder / 'metadata.jsonl') as fh: fh.write(json.dumps(r))
         for j, im in enumerate(imgs):
             try: Image.fromarray(to_rgb_array(im)).save(folder / 'samples' / f"{j:05d}.png"); written += 1
             except Exception as e: skips.add('no image returned' if im is None else f"unreadable image ({type(e).__name__})", f"{metadata_file}:{n} sample {j}")
@@ -954,7 +1056,6 @@ def geneval_verdict(record: dict, detections, grid_size: int = 3) -> bool:
         found.append(m)
     for req in record.get('exclude', []):
         if len(match(req)) >= req['count']: return False
-    from illume_ref.toyworld import relation_holds
     for i, req in enumerate(record['include']):
         if 'position' in req:
             rel, j = req['position']
@@ -963,19 +1064,21 @@ def geneval_verdict(record: dict, detections, grid_size: int = 3) -> bool:
 
 
 def score_geneval_folder(outdir, grid_size: int = 3) -> dict:
-    "Score a GenEval-layout folder of toy images with the oracle: per tag and overall (mean over tags)."
+    """Score a GenEval-layout folder of toy images with the oracle: per tag and overall (mean over tags). Each prompt
+    folder's `metadata.jsonl` must hold one valid record (errors name the file); a missing, unreadable or tiny
+    sample is counted as a failure and listed."""
     folders = sorted(p for p in Path(outdir).iterdir() if p.is_dir() and (p / 'metadata.jsonl').exists())
     if not folders: raise ValueError(f"no '<00000>/metadata.jsonl' prompt folders in '{outdir}'")
     per_tag, skips = defaultdict(list), Skips()
     for f in folders:
-        rec = json.loads((f / 'metadata.jsonl').read_text())
+        rows = read_records(f / 'metadata.jsonl', ('tag', 'include'), ('exclude',))
+        if len(rows) != 1: raise ValueError(f"{f / 'metadata.jsonl'}:{rows[1][0]}: expected one record, got {len(rows)}")
+        rec = check_geneval_record(rows[0][1], f"{f / 'metadata.jsonl'}:{rows[0][0]}")
         samples = sorted((f / 'samples').glob('*.png'))
         if not samples: skips.add('prompt folder without samples', str(f))
         for s in samples:
-            im, why = open_image(s)
-            dets = detect(im) if im is not None else None
-            if why: skips.add(why + ' (scored as failure)', str(s))
-            per_tag[rec['tag']].append(dets is not None and geneval_verdict(rec, dets, grid_size))
+            im = try_open_image(s, skips, str(s), ' (scored as failure)')
+            per_tag[rec['tag']].append(im is not None and geneval_verdict(rec, detect(im), grid_size))
     tags = {t: float(np.mean(v)) for t, v in per_tag.items()}
     return {'overall': float(np.mean(list(tags.values()))), 'categories': tags, 'n_images': sum(map(len, per_tag.values())), **skips.summary()}
 
@@ -984,22 +1087,25 @@ _IMAGE_KEYS = ('image', 'image_path', 'file_name')
 
 
 def emu_edit_outputs(model, records_file, image_folder, outdir, seed: int = 0, batch_size: int = 8) -> dict:
-    "Edit every Emu Edit record's image with its instruction and save `<outdir>/<idx>.png`; returns a summary."
-    rows = read_records(records_file, ('instruction',))
-    skips, todo, seen = Skips(), [], set()
+    """Edit every Emu Edit record's image with its instruction and save `<outdir>/<idx>.png` (+ `outputs.jsonl`,
+    atomically); returns a summary. Errors name the file and line: field types, no image field, an `idx` twice (`1`
+    and `"1"` alike) or one that cannot name a file."""
+    rows = read_records(records_file, ('instruction',), ('idx', *_IMAGE_KEYS, 'input_caption', 'output_caption'))
+    skips, todo, seen = Skips(), [], {}
     for n, r in rows:
-        key = next((k for k in _IMAGE_KEYS if k in r), None)
+        key = next((k for k in _IMAGE_KEYS if r.get(k) is not None), None)
         if key is None: raise ValueError(f"{records_file}:{n}: record names no image (one of {', '.join(_IMAGE_KEYS)})")
-        idx = str(r.get('idx', n))
-        if idx in seen: raise ValueError(f"{records_file}:{n}: duplicate idx {idx!r}")
-        seen.add(idx)
-        im, why = open_image(Path(image_folder) / r[key])
-        if why: skips.add(why, f"{records_file}:{n} ({r[key]})")
-        else: todo.append((idx, r, key, im))
+        idx = record_key(r.get('idx', n))
+        if not re.fullmatch(r'[\w-][\w.-]*', idx):
+            raise ValueError(f"{records_file}:{n}: field 'idx' {r['idx']!r} cannot name an output file (letters, digits, '_', '-', '.')")
+        if idx in seen: raise ValueError(f"{records_file}:{n}: duplicate idx {r.get('idx', n)!r} (line {seen[idx]} has it too)")
+        seen[idx] = n
+        im = try_open_image(Path(image_folder) / r[key], skips, f"{records_file}:{n} ({r[key]})")
+        if im is not None: todo.append((idx, r, key, im))
     edited = call_edit(model, [t[3] for t in todo], [t[1]['instruction'] for t in todo], seed, batch_size)
     outdir = Path(outdir); outdir.mkdir(parents=True, exist_ok=True)
     written = 0
-    with open(outdir / 'outputs.jsonl', 'w') as fh:
+    with atomic_write(outdir / 'outputs.jsonl') as fh:
         for (idx, r, key, _), im in zip(todo, edited):
             try: Image.fromarray(to_rgb_array(im)).save(outdir / f"{idx}.png")
             except Exception as e:

@@ -17,8 +17,8 @@ from illume_ref.evaluate import (AlwaysYesModel, BlankModel, ModelLike, OracleMo
                                  eval_mmbench, eval_pope, eval_vqa, evaluate, extract_choice, frechet_distance,
                                  frechet_distance_features, geneval_samples, mmbench_predictions, normalize_answer,
                                  parse_yes_no, pope_answers, pope_metrics, random_circular_accuracy,
-                                 report_markdown, score_geneval_folder, score_mmbench, score_pope,
-                                 toy_geneval_metadata, toy_suite)
+                                 read_mmbench, read_records, report_markdown, score_geneval_folder, score_mmbench,
+                                 score_pope, toy_geneval_metadata, toy_suite)
 from illume_ref.toyworld import POPE_VARIANTS, detect_scene, make_caption, render, sample_scene
 
 SMALL = {'eval.pope_per_split': 10, 'eval.mmbench_questions': 24, 'eval.vqa_questions': 24,
@@ -281,7 +281,8 @@ def test_emu_edit_adapter(tmp_path, suite):
                                  'output_caption': make_caption(it['target'], 'descriptive'), 'image': f'{i}.png'}) + '\n')
     (tmp_path / 'src' / '3.png').write_bytes(b'not a png')
     s = emu_edit_outputs(OracleModel(suite), tmp_path / 'emu.jsonl', tmp_path / 'src', tmp_path / 'out')
-    assert s['written'] == 2 and s['skipped'] == {'missing image': 1, 'unreadable image (UnidentifiedImageError)': 1}
+    assert s['written'] == 2 and s['skipped'] == {'missing image': 1, 'unreadable image': 1}
+    assert any('3.png' in w and 'cannot identify image file' in w for w in s['skipped_items'])
     assert detect_scene(Image.open(tmp_path / 'out' / '10.png')) == suite.edit[0]['target']
     assert len((tmp_path / 'out' / 'outputs.jsonl').read_text().splitlines()) == 2
 
@@ -357,3 +358,217 @@ def test_feature_cache_is_tied_to_the_encoder_object(suite, encoder):
 
 def test_no_is_not_zero():
     assert [normalize_answer(t) for t in ['No', 'no.', 'none', 'zero', 'No, none']] == ['no', 'no', '0', '0', 'no 0']
+
+
+# ---- bad input to the real-benchmark readers: refused by name (file:line, field, expected vs got) ----------------
+def _jsonl(path, recs):
+    path.write_text(''.join(json.dumps(r) + '\n' for r in recs)); return path
+
+
+class _Recorder:
+    "Answers 'yes' and keeps the images it was shown."
+    def __init__(self): self.images = []
+    def answer(self, images, questions): self.images += images; return ['yes'] * len(images)
+
+
+def _pope_q(tmp_path, labels=('yes', 'no', 'yes'), ids=(1, 2, 3)):
+    (tmp_path / 'img').mkdir(exist_ok=True)
+    render(sample_scene(0)).save(tmp_path / 'img' / 'a.png')
+    return _jsonl(tmp_path / 'q.jsonl', [{'question_id': i, 'image': 'a.png', 'text': 'Is there a red star?', 'label': l}
+                                         for i, l in zip(ids, labels)])
+
+
+def test_pope_labels_must_be_yes_or_no(tmp_path):
+    q = _pope_q(tmp_path, labels=('yes', ' NO ', 'true'))
+    _jsonl(tmp_path / 'a.jsonl', [{'question_id': i, 'text': 'No.'} for i in (1, 2, 3)])
+    with pytest.raises(ValueError, match=r"q\.jsonl:3: label 'true': expected 'yes' or 'no'"): score_pope(tmp_path / 'a.jsonl', q)
+    rec = _Recorder()
+    with pytest.raises(ValueError, match=r"q\.jsonl:3: label 'true'"): pope_answers(rec, q, tmp_path / 'img', tmp_path / 'x.jsonl')
+    assert rec.images == [] and not (tmp_path / 'x.jsonl').exists()              # refused before the model runs
+    with pytest.raises(ValueError, match=r"labels\[1\]: label 'maybe'"): pope_metrics(['yes', 'no'], ['yes', 'maybe'])
+    q = _pope_q(tmp_path, labels=('yes', ' NO ', 'Yes'))                          # case and spaces do not matter
+    assert score_pope(tmp_path / 'a.jsonl', q)['all']['tn'] == 1
+
+
+def test_parse_yes_no_rule_is_the_documented_one():
+    # first sentence only; 'no' / 'not' as words in any case, or a word ending in n't (straight or typographic)
+    cases = {'No': 'no', 'NOT at all': 'no', 'It isn\u2019t there.': 'no', "It isn't": 'no', 'Nothing is missing': 'yes',
+             'Yes. No other star': 'yes', 'Notably, yes': 'yes', '': 'yes'}
+    assert {t: parse_yes_no(t) for t in cases} == cases
+    assert pope_metrics(['It isn\u2019t.'], ['no'])['tn'] == 1
+
+
+def test_pope_duplicate_ids_name_both_lines(tmp_path):
+    q = _pope_q(tmp_path, ids=(1, 2, '1'))
+    with pytest.raises(ValueError, match=r"q\.jsonl:3: duplicate question_id '1' \(line 1 has 1\)"):
+        pope_answers(AlwaysYesModel(), q, tmp_path / 'img', tmp_path / 'x.jsonl')
+    q = _pope_q(tmp_path)
+    _jsonl(tmp_path / 'a.jsonl', [{'question_id': 1, 'text': 'yes'}, {'question_id': 2, 'text': 'no'}, {'question_id': 2, 'text': 'yes'}])
+    with pytest.raises(ValueError, match=r"a\.jsonl:3: duplicate question_id 2 \(line 2 has 2\)"): score_pope(tmp_path / 'a.jsonl', q)
+
+
+def test_pope_ids_match_by_key_not_by_type(tmp_path):
+    q = _pope_q(tmp_path, ids=(1, 2, 3))
+    _jsonl(tmp_path / 'a.jsonl', [{'question_id': '1', 'text': 'yes'}, {'question_id': ' 2', 'text': 'no'}, {'question_id': 3, 'text': 'yes'}])
+    sc = score_pope(tmp_path / 'a.jsonl', q)
+    assert sc['unanswered'] == 0 and sc['all']['accuracy'] == 1.0
+    _jsonl(tmp_path / 'a.jsonl', [{'question_id': '1', 'text': 'yes'}, {'question_id': 9, 'text': 'no'}])
+    with pytest.raises(ValueError, match=r"a\.jsonl:2: question_id 9 is not in"): score_pope(tmp_path / 'a.jsonl', q)
+
+
+@pytest.mark.parametrize('field,value,expected', [('text', 5, 'a string'), ('question_id', [1], 'an integer or a string'),
+                                                  ('image', None, 'a string'), ('label', True, 'a string'),
+                                                  ('category', ['random'], 'a string')])
+def test_read_records_checks_field_types(tmp_path, field, value, expected):
+    q = _pope_q(tmp_path)
+    recs = [json.loads(l) for l in q.read_text().splitlines()]
+    recs[1][field] = value
+    _jsonl(q, recs)
+    with pytest.raises(ValueError, match=rf"q\.jsonl:2: field '{field}' must be {expected}, got "):
+        pope_answers(AlwaysYesModel(), q, tmp_path / 'img', tmp_path / 'x.jsonl')
+    recs[1][field] = 'x' if field != 'question_id' else 2
+    recs[1].pop('category', None); recs[2]['category'] = None                     # an optional field may be absent or null
+    _jsonl(q, recs)
+    assert read_records(q, ('question_id', 'text'), ('category',))[2][0] == 3
+
+
+def test_read_records_json_list_keeps_line_numbers(tmp_path):
+    (tmp_path / 'e.json').write_text('[\n  {"instruction": "a"},\n  {"instruction":\n     2}\n]\n')
+    with pytest.raises(ValueError, match=r"e\.json:3: field 'instruction' must be a string, got an integer 2"):
+        read_records(tmp_path / 'e.json', ('instruction',))
+    (tmp_path / 'e.json').write_text('[{"instruction": "a"}\n {"instruction": "b"}]')
+    with pytest.raises(ValueError, match=r"e\.json:2: malformed JSON \(expected ',' or '\]'"): read_records(tmp_path / 'e.json')
+    (tmp_path / 'e.json').write_text('[{"instruction": "a"},\n{"instruction": "b"}]\n')
+    assert [n for n, _ in read_records(tmp_path / 'e.json')] == [1, 2]
+
+
+def test_every_reader_names_a_non_utf8_file(tmp_path, suite):
+    bad = b'{"question_id": 1, "image": "a.png", "text": "caf\xe9", "label": "yes"}\n'
+    (tmp_path / 'q.jsonl').write_bytes(bad)
+    msg = r"is not UTF-8 text: byte 0xe9 at offset \d+ \(line 1\)"
+    with pytest.raises(ValueError, match=r"q\.jsonl' " + msg): pope_answers(AlwaysYesModel(), tmp_path / 'q.jsonl', tmp_path, tmp_path / 'a.jsonl')
+    with pytest.raises(ValueError, match=r"q\.jsonl' " + msg): score_pope(tmp_path / 'q.jsonl', tmp_path / 'q.jsonl')
+    (tmp_path / 'm.tsv').write_bytes('index\tquestion\tA\tB\n0\tcaf\u00e9?\tx\ty\n'.encode('latin-1'))
+    with pytest.raises(ValueError, match=r"m\.tsv' is not UTF-8 text: byte 0xe9 at offset \d+ \(line 2\)"):
+        mmbench_predictions(AlwaysYesModel(), tmp_path / 'm.tsv', tmp_path / 'p.tsv')
+    (tmp_path / 'g.jsonl').write_bytes(b'{"tag": "x", "include": [], "prompt": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"g\.jsonl' " + msg): geneval_samples(BlankModel(), tmp_path / 'g.jsonl', tmp_path / 'g')
+    (tmp_path / 'e.jsonl').write_bytes(b'{"instruction": "caf\xe9", "image": "a.png"}\n')
+    with pytest.raises(ValueError, match=r"e\.jsonl' " + msg): emu_edit_outputs(OracleModel(suite), tmp_path / 'e.jsonl', tmp_path, tmp_path / 'o')
+    (tmp_path / 'f' / '00000').mkdir(parents=True)
+    (tmp_path / 'f' / '00000' / 'metadata.jsonl').write_bytes(b'{"tag": "caf\xe9", "include": []}')
+    with pytest.raises(ValueError, match=r"00000/metadata\.jsonl' " + msg): score_geneval_folder(tmp_path / 'f')
+
+
+def test_readers_drop_a_byte_order_mark(tmp_path):
+    (tmp_path / 'm.tsv').write_bytes(b'\xef\xbb\xbfindex\tquestion\tA\tB\n0\tq\tx\ty\n')
+    assert read_mmbench(tmp_path / 'm.tsv')[0][1]['options'] == ['x', 'y']
+
+
+def test_adapters_read_images_like_core_open_image(tmp_path):
+    from illume_ref.toyworld import BACKGROUND
+    (tmp_path / 'img').mkdir()
+    Image.fromarray(np.full((16, 16), 32768, np.uint16)).save(tmp_path / 'img' / 'grey16.png')
+    Image.new('RGBA', (16, 16), (0, 0, 0, 0)).save(tmp_path / 'img' / 'clear.png')
+    Image.new('RGB', (1, 1)).save(tmp_path / 'img' / 'dot.png')
+    (tmp_path / 'img' / 'notes.png').write_text('not an image')
+    names = ['grey16.png', 'clear.png', 'dot.png', 'notes.png', 'gone.png']
+    q = _jsonl(tmp_path / 'q.jsonl', [{'question_id': i, 'image': n, 'text': 'Is there a star?'} for i, n in enumerate(names)])
+    rec = _Recorder()
+    s = pope_answers(rec, q, tmp_path / 'img', tmp_path / 'a.jsonl')
+    assert [im.getpixel((0, 0)) for im in rec.images] == [(128, 128, 128), BACKGROUND]   # 16-bit scaled, alpha on the canvas
+    assert s['skipped'] == {'image too small': 1, 'unreadable image': 1, 'missing image': 1}
+    assert [w.split(': ', 1)[0] for w in s['skipped_items']] == [f"{q}:3 (dot.png)", f"{q}:4 (notes.png)", f"{q}:5 (gone.png)"]
+    assert '1x1 px' in s['skipped_items'][0]
+
+
+def test_evaluate_has_one_open_image():
+    import illume_ref.core as core
+    import illume_ref.evaluate as ev
+    assert 'open_image' not in ev.__all__ and getattr(ev, 'open_image', core.open_image) is core.open_image
+
+
+def _mmb(path, rows, cols=('index', 'question', 'A', 'B', 'C', 'D', 'answer', 'image')):
+    with open(path, 'w', newline='') as fh:
+        w = csv.writer(fh, delimiter='\t'); w.writerow(cols); w.writerows(rows)
+    return path
+
+
+def test_mmbench_rows_are_checked(tmp_path, suite):
+    img = _b64(render(suite.mmbench[0]['scene']))
+    ok = ['q', 'x', 'y', 'z', 'w', 'B', img]
+    with pytest.raises(ValueError, match=r"m\.tsv:3: field 'index' must be an integer, got 'one'"):
+        read_mmbench(_mmb(tmp_path / 'm.tsv', [[0, *ok], ['one', *ok]]))
+    with pytest.raises(ValueError, match=r"m\.tsv:4: duplicate index '0' \(line 2 has '0'\)"):
+        read_mmbench(_mmb(tmp_path / 'm.tsv', [[0, *ok], [1, *ok], ['0', *ok]]))
+    with pytest.raises(ValueError, match=r"m\.tsv:2: field 'answer' must be one of A, B, C, got 'D'"):
+        read_mmbench(_mmb(tmp_path / 'm.tsv', [[0, 'q', 'x', 'y', 'z', '', 'D', img]]))
+    with pytest.raises(ValueError, match=r"m\.tsv:2: field 'answer' must be one of A, B, C, D, got 'AB'"):
+        read_mmbench(_mmb(tmp_path / 'm.tsv', [[0, 'q', 'x', 'y', 'z', 'w', 'AB', img]]))
+    with pytest.raises(ValueError, match=r"m\.tsv:2: expected at least the options A and B"):
+        read_mmbench(_mmb(tmp_path / 'm.tsv', [[0, 'q', 'x', '', '', '', '', img]]))
+
+
+def test_mmbench_test_split_and_image_references(tmp_path, suite):
+    img = _b64(render(suite.mmbench[0]['scene']))
+    cols = ('index', 'question', 'A', 'B', 'C', 'D', 'image')            # the test split has no answer column
+    tsv = _mmb(tmp_path / 't.tsv', [[0, 'q', 'x', 'y', 'z', 'w', img], [1, 'q', 'x', 'y', 'z', 'w', '00'], [2, 'q', 'x', 'y', 'z', 'w', '7']], cols)
+    s = mmbench_predictions(_Constant('B'), tsv, tmp_path / 'p.tsv', circular=True)
+    assert (s['written'], s['skipped']) == (2, {'missing image': 1})             # '00' is index 0's image; 7 is no row
+    assert 'refers to index 7, not in the file' in s['skipped_items'][0]
+    with pytest.raises(ValueError, match=r"p\.tsv:1: no 'answer' column to score"): score_mmbench(tmp_path / 'p.tsv')
+
+
+def test_score_mmbench_needs_answers_and_predictions(tmp_path):
+    p = _mmb(tmp_path / 'p.tsv', [[0, 'q', 'x', 'y', 'z', 'w', 'A', 'A'], [1, 'q', 'x', 'y', 'z', 'w', 'nan', 'A']],
+             ('index', 'question', 'A', 'B', 'C', 'D', 'answer', 'prediction'))
+    with pytest.raises(ValueError, match=r"p\.tsv:3: no answer to score against"): score_mmbench(p)
+    p = _mmb(tmp_path / 'p.tsv', [[0, 'q', 'x', 'y', 'z', 'w', 'A']], ('index', 'question', 'A', 'B', 'C', 'D', 'answer'))
+    with pytest.raises(ValueError, match=r"p\.tsv:1: no 'prediction' column"): score_mmbench(p)
+
+
+@pytest.mark.parametrize('change,match', [
+    ({'prompt': 5}, r"g\.jsonl:2: field 'prompt' must be a string, got an integer 5"),
+    ({'include': {'class': 'star'}}, r"g\.jsonl:2: field 'include' must be a list, got an object"),
+    ({'include': [{'class': 'star', 'count': 'two'}]}, r"g\.jsonl:2: include\[0\]: field 'count' must be an integer, got a string 'two'"),
+    ({'include': [{'class': 'star', 'count': 0}]}, r"include\[0\]: field 'count' must be at least 1, got 0"),
+    ({'include': [{'count': 1}]}, r"include\[0\]: field 'class' must be a string, got null"),
+    ({'include': [{'class': 'star', 'count': 1, 'position': ['left of', 0]}]}, r"include\[0\]: field 'position' must be \[relation, index of another"),
+    ({'include': [{'class': 'star', 'count': 1}, {'class': 'disc', 'count': 1, 'position': ['beside', 0]}]}, r"include\[1\]: field 'position'"),
+    ({'exclude': [{'class': 'star', 'count': True}]}, r"exclude\[0\]: field 'count' must be an integer, got true/false")])
+def test_geneval_metadata_is_checked(tmp_path, suite, change, match):
+    meta = toy_geneval_metadata(suite.geneval[:2])
+    _jsonl(tmp_path / 'g.jsonl', [meta[0], {**meta[1], **change}])
+    with pytest.raises(ValueError, match=match): geneval_samples(BlankModel(), tmp_path / 'g.jsonl', tmp_path / 'out', n_samples=1)
+    assert not (tmp_path / 'out').exists()                                         # refused before any sample is written
+
+
+def test_score_geneval_folder_checks_each_metadata_file(tmp_path, suite):
+    meta = toy_geneval_metadata(suite.geneval[:2])
+    _jsonl(tmp_path / 'g.jsonl', meta)
+    geneval_samples(OracleModel(suite), tmp_path / 'g.jsonl', tmp_path / 'out', n_samples=1)
+    m = tmp_path / 'out' / '00001' / 'metadata.jsonl'
+    m.write_text(json.dumps({**meta[1], 'include': [{'class': 'star', 'count': '1'}]}))
+    with pytest.raises(ValueError, match=r"00001/metadata\.jsonl:1: include\[0\]: field 'count' must be an integer"):
+        score_geneval_folder(tmp_path / 'out')
+    m.write_text(json.dumps(meta[1]) + '\n' + json.dumps(meta[1]) + '\n')
+    with pytest.raises(ValueError, match=r"00001/metadata\.jsonl:2: expected one record, got 2"): score_geneval_folder(tmp_path / 'out')
+    m.write_text(json.dumps(meta[1]))
+    Image.new('RGB', (2, 2)).save(tmp_path / 'out' / '00001' / 'samples' / '00000.png')
+    sc = score_geneval_folder(tmp_path / 'out')
+    assert sc['skipped'] == {'image too small (scored as failure)': 1} and sc['n_images'] == 2
+
+
+@pytest.mark.parametrize('recs,match', [
+    ([{'idx': 1, 'instruction': 'make it red', 'image': '0.png'}, {'idx': '01', 'instruction': 'x', 'image': '0.png'}],
+     r"e\.jsonl:2: duplicate idx '01' \(line 1 has it too\)"),
+    ([{'idx': '../../escape', 'instruction': 'x', 'image': '0.png'}], r"e\.jsonl:1: field 'idx' '\.\./\.\./escape' cannot name an output file"),
+    ([{'idx': 1, 'instruction': ['x'], 'image': '0.png'}], r"e\.jsonl:1: field 'instruction' must be a string, got a list"),
+    ([{'idx': 1.5, 'instruction': 'x', 'image': '0.png'}], r"e\.jsonl:1: field 'idx' must be an integer or a string, got a number 1\.5"),
+    ([{'idx': 1, 'instruction': 'x', 'image': 3}], r"e\.jsonl:1: field 'image' must be a string, got an integer 3"),
+    ([{'idx': 1, 'instruction': 'x', 'image': None}], r"e\.jsonl:1: record names no image")])
+def test_emu_edit_records_are_checked(tmp_path, suite, recs, match):
+    render(suite.edit[0]['source']).save(tmp_path / '0.png')
+    _jsonl(tmp_path / 'e.jsonl', recs)
+    with pytest.raises(ValueError, match=match): emu_edit_outputs(OracleModel(suite), tmp_path / 'e.jsonl', tmp_path, tmp_path / 'out')
+    assert not (tmp_path / 'out').exists() and not (tmp_path.parent / 'escape.png').exists()
