@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import transformers
 from PIL import Image
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
@@ -42,6 +43,7 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
 # transformers 5.24 renamed the KV-cache keyword and output field `past_key_values` to `cache` (the old name
 # warns, and is removed in 5.40); earlier releases know only `past_key_values`. These two are the one place
 # that knows which name the installed release uses.
+_TRANSFORMERS_MAJOR = int(transformers.__version__.split('.')[0])
 _CACHE_KWARG = 'cache' if 'cache' in inspect.signature(LlamaForCausalLM.forward).parameters else 'past_key_values'
 
 
@@ -156,6 +158,12 @@ class IllumeForConditionalGeneration(PreTrainedModel):
 
     def get_input_embeddings(self): return self.language_model.get_input_embeddings()
     def get_output_embeddings(self): return self.language_model.get_output_embeddings()
+
+    if _TRANSFORMERS_MAJOR < 5:
+        def tie_weights(self, *args, **kwargs):
+            """Whether the LM head shares the embedding is the LLM's own setting (`llm.tie_word_embeddings`);
+            transformers 4.x would read it from this outer config (whose `text_config` is a dict) and always tie."""
+            return self.language_model.tie_weights(*args, **kwargs)
 
     def visual_logits(self, logits: torch.Tensor) -> torch.Tensor:
         "`(..., V)` logits -> `(..., K)` logits of the code tokens, in code order (index k is code k)."
