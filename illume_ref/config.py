@@ -5,190 +5,16 @@
 # %% ../nbs/00a_config.ipynb #badda24d
 from __future__ import annotations
 
-import copy
-import dataclasses
-import difflib
-import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional
 
-import yaml
+from .configbase import ConfigBase, ConfigError, _closest, merge_config_dicts
 
 # %% auto #0
-__all__ = ['PREDICTION_TYPES', 'PRESETS', 'ConfigError', 'ConfigBase', 'TrainConfig', 'ToyWorldConfig', 'EncoderConfig',
-           'QuantizerConfig', 'TokenizerConfig', 'DecoderConfig', 'LLMConfig', 'StageConfig', 'SelfEnhanceConfig',
-           'EvalConfig', 'IllumeRefConfig', 'get_config']
-
-# %% ../nbs/00a_config.ipynb #12a315a7
-class ConfigError(ValueError):
-    "A config field is unknown, of the wrong type, or inconsistent with another field."
-
-
-def _closest(key: str, options) -> str:
-    match = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
-    return f" Did you mean '{match[0]}'?" if match else ""
-
-
-def _is_optional(tp) -> tuple[bool, Any]:
-    "(True, inner) for Optional[inner], else (False, tp)."
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) < len(typing.get_args(tp)) and len(args) == 1: return True, args[0]
-    return False, tp
-
-
-def _coerce(value, tp, where: str):
-    "Check `value` against the annotation `tp`, converting where it is safe (int -> float, list -> tuple)."
-    optional, inner = _is_optional(tp)
-    if value is None:
-        if optional or tp is Any: return None
-        raise ConfigError(f"config field '{where}' may not be None (expected {getattr(tp, '__name__', tp)})")
-    tp, origin = inner, typing.get_origin(inner)
-    if tp is Any: return value
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp): return value
-        if isinstance(value, dict): return tp.from_dict(value, prefix=where)
-        raise ConfigError(f"config field '{where}' expects a mapping for {tp.__name__}, got {type(value).__name__}")
-    if tp is bool:
-        if isinstance(value, bool): return value
-        raise ConfigError(f"config field '{where}' expects true/false, got {value!r} ({type(value).__name__})")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool): return value
-        if isinstance(value, float) and value.is_integer(): return int(value)
-        raise ConfigError(f"config field '{where}' expects an integer, got {value!r} ({type(value).__name__})")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool): return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads '3e-4' (no dot) as a string
-            try: return float(value)
-            except ValueError: pass
-        raise ConfigError(f"config field '{where}' expects a number, got {value!r} ({type(value).__name__})")
-    if tp is str:
-        if isinstance(value, str): return value
-        raise ConfigError(f"config field '{where}' expects a string, got {value!r} ({type(value).__name__})")
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config field '{where}' expects a list, got {value!r} ({type(value).__name__})")
-        args = typing.get_args(tp)
-        item_tp = args[0] if args else Any
-        items = [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"config field '{where}' expects a mapping, got {value!r} ({type(value).__name__})")
-        _, val_tp = typing.get_args(tp) or (Any, Any)
-        return {str(k): _coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()}
-    return value
-
-
-def _to_plain(value):
-    if dataclasses.is_dataclass(value): return value.to_dict()
-    if isinstance(value, tuple): return [_to_plain(v) for v in value]
-    if isinstance(value, list): return [_to_plain(v) for v in value]
-    if isinstance(value, dict): return {k: _to_plain(v) for k, v in value.items()}
-    return value
-
-
-@dataclass
-class ConfigBase:
-    "Base for all configs: type-checked fields, `validate`, dict/YAML/JSON round trips, dotted overrides."
-
-    def __post_init__(self):
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, _coerce(getattr(self, f.name), hints[f.name], self._where(f.name)))
-        self.validate()
-
-    def _where(self, name: str) -> str:
-        prefix = getattr(self, "_prefix", "")
-        return f"{prefix}.{name}" if prefix else name
-
-    def validate(self):
-        "Cross-field rules; subclasses raise `ConfigError` naming the field."
-
-    def _require(self, ok: bool, name: str, message: str):
-        if not ok: raise ConfigError(f"config field '{self._where(name)}': {message}")
-
-    def to_dict(self) -> dict:
-        return {f.name: _to_plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict, prefix: str = ""):
-        if not isinstance(d, dict):
-            raise ConfigError(f"config '{prefix or cls.__name__}' expects a mapping, got {type(d).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        for k in d:
-            if k not in names:
-                where = f"{prefix}.{k}" if prefix else k
-                raise ConfigError(f"unknown config key '{where}' for {cls.__name__}.{_closest(k, names)} "
-                                  f"Valid keys: {', '.join(names)}")
-        hints = typing.get_type_hints(cls)
-        kwargs = {}
-        for k, v in d.items():
-            where = f"{prefix}.{k}" if prefix else k
-            kwargs[k] = _coerce(v, hints[k], where)
-        obj = cls.__new__(cls)
-        object.__setattr__(obj, "_prefix", prefix)
-        obj.__init__(**kwargs)
-        return obj
-
-    def replace(self, **changes):
-        "A copy with some top-level fields changed (validated again)."
-        d = self.to_dict(); d.update({k: _to_plain(v) for k, v in changes.items()})
-        return type(self).from_dict(d, prefix=getattr(self, "_prefix", ""))
-
-    def save(self, path: str | Path) -> Path:
-        "Write as YAML (`.yaml`/`.yml`) or JSON (`.json`)."
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.suffix in (".yaml", ".yml"): path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        elif path.suffix == ".json": path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        else: raise ConfigError(f"cannot save a config to '{path}': use a .yaml, .yml or .json file name")
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path):
-        "Read a config written by `save` (YAML or JSON)."
-        path = Path(path)
-        if not path.exists(): raise FileNotFoundError(f"no such config file: '{path}'")
-        text = path.read_text(encoding="utf-8")
-        try:
-            d = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as e:
-            raise ConfigError(f"cannot parse config file '{path}': {e}") from None
-        try:
-            return cls.from_dict(d or {})
-        except ConfigError as e:
-            raise ConfigError(f"in '{path}': {e}") from None
-
-    def override(self, assignments: list[str] | dict[str, Any]):
-        """A copy with dotted fields set: `["quantizer.num_codes=1024", "stage1.lr=1e-3"]`
-        (values parsed as YAML, so numbers, booleans, lists and null work) or a dict."""
-        if isinstance(assignments, dict): pairs = list(assignments.items())
-        else:
-            pairs = []
-            for a in assignments:
-                if "=" not in a:
-                    raise ConfigError(f"override '{a}' must look like key.path=value")
-                k, v = a.split("=", 1)
-                pairs.append((k.strip(), yaml.safe_load(v) if v.strip() else None))
-        d = self.to_dict()
-        for key, value in pairs:
-            node, obj, parts = d, self, key.split(".")
-            for i, p in enumerate(parts):
-                # a dataclass has a fixed set of keys; a dict-valued field (e.g. `lrs`) may gain new ones
-                open_dict = isinstance(obj, dict) and i == len(parts) - 1
-                if not isinstance(node, dict) or (p not in node and not open_dict):
-                    options = list(node) if isinstance(node, dict) else []
-                    raise ConfigError(f"unknown config key '{'.'.join(parts[:i + 1])}'.{_closest(p, options)}"
-                                      + (f" Valid keys here: {', '.join(options)}" if options else ""))
-                if i == len(parts) - 1: node[p] = value
-                else:
-                    node = node[p]
-                    obj = obj.get(p) if isinstance(obj, dict) else getattr(obj, p, None)
-        return type(self).from_dict(d)
+__all__ = ['PREDICTION_TYPES', 'PRESETS', 'TrainConfig', 'ToyWorldConfig', 'EncoderConfig', 'QuantizerConfig', 'TokenizerConfig',
+           'DecoderConfig', 'LLMConfig', 'StageConfig', 'SelfEnhanceConfig', 'EvalConfig', 'IllumeRefConfig',
+           'preset_config', 'get_config']
 
 # %% ../nbs/00a_config.ipynb #53c9239b
 @dataclass
@@ -205,11 +31,11 @@ class TrainConfig(ConfigBase):
     save_every: int = 500
     seed: int = 0
     dtype: str = "auto"  # 'auto' (core.default_dtype), 'bf16', 'fp16', 'fp32'
+    schedule_steps: Optional[int] = None  # steps the warm-up + cosine LR spans (None: `steps`); later steps keep its last LR
 
     def validate(self):
-        for name in ("lr", "batch_size", "steps", "grad_accum", "log_every", "save_every"):
-            self._require(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
-        self._require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        self._positive("lr", "batch_size", "steps", "grad_accum", "log_every", "save_every", "schedule_steps")
+        self._non_negative("warmup_steps", "weight_decay", "grad_clip", "seed")
         self._require(self.dtype in ("auto", "bf16", "fp16", "fp32"), "dtype",
                       f"expected one of auto, bf16, fp16, fp32, got '{self.dtype}'")
 
@@ -230,10 +56,16 @@ class ToyWorldConfig(ConfigBase):
     num_test: int = 1000
 
     def validate(self):
+        self._positive("num_train", "num_val", "num_test"); self._non_negative("seed")
+        for name in ("shapes", "colors"):
+            v = getattr(self, name)
+            self._require(v is None or (len(v) > 0 and len(set(v)) == len(v)), name,
+                          f"must be null (all) or a list of distinct names, got {v}")
         self._require(self.image_size >= 16, "image_size", f"must be at least 16 px, got {self.image_size}")
         self._require(self.grid_size >= 2, "grid_size", f"must be at least 2, got {self.grid_size}")
-        self._require(1 <= self.min_objects <= self.max_objects, "min_objects",
-                      f"need 1 <= min_objects <= max_objects, got {self.min_objects} and {self.max_objects}")
+        self._require(self.min_objects >= 1, "min_objects", f"must be at least 1, got {self.min_objects}")
+        self._require(self.max_objects >= self.min_objects, "max_objects",
+                      f"must be >= min_objects={self.min_objects}, got {self.max_objects}")
         self._require(self.max_objects <= self.grid_size ** 2, "max_objects",
                       f"{self.max_objects} objects do not fit in a {self.grid_size}x{self.grid_size} grid")
 
@@ -272,6 +104,10 @@ class EncoderConfig(ConfigBase):
         self._require(self.kind in ("toy_vit", "hf"), "kind", f"expected 'toy_vit' or 'hf', got '{self.kind}'")
         self._require(self.kind != "hf" or bool(self.name_or_path), "name_or_path",
                       "kind='hf' needs a local path or hub id of a vision tower")
+        self._positive("image_size", "patch_size", "hidden_size", "num_layers", "num_heads", "token_merge")
+        self._require(-(self.num_layers + 1) <= self.select_layer <= self.num_layers, "select_layer",
+                      f"{self.select_layer} is out of range for {self.num_layers} layers "
+                      f"(hidden states {-(self.num_layers + 1)}..{self.num_layers})")
         self._require(self.image_size % self.patch_size == 0, "image_size",
                       f"image size {self.image_size} is not divisible by patch size {self.patch_size}")
         self._require((self.image_size // self.patch_size) % self.token_merge == 0, "token_merge",
@@ -297,10 +133,8 @@ class QuantizerConfig(ConfigBase):
 
     def validate(self):
         self._require(self.num_codes >= 2, "num_codes", f"need at least 2 codes, got {self.num_codes}")
-        self._require(self.code_dim is None or self.code_dim > 0, "code_dim", "must be positive or null")
-        self._require(0 < self.ema_decay < 1, "ema_decay", f"must be in (0, 1), got {self.ema_decay}")
-        self._require(self.beta >= 0, "beta", "must be >= 0")
-        self._require(self.chunk_size > 0, "chunk_size", "must be positive")
+        self._positive("code_dim", "kmeans_iters", "chunk_size"); self._non_negative("beta", "dead_code_threshold")
+        self._fraction("ema_decay", low_open=True)
 
 
 @dataclass
@@ -320,8 +154,14 @@ class TokenizerConfig(ConfigBase):
         return int(round(self.tokens_per_image ** 0.5))
 
     def validate(self):
+        self._positive("tokens_per_image", "decoder_layers", "decoder_heads", "decoder_hidden")
         self._require(self.grid ** 2 == self.tokens_per_image, "tokens_per_image",
                       f"{self.tokens_per_image} tokens do not form a square grid")
+        self._require(self.decoder_hidden % self.decoder_heads == 0, "decoder_hidden",
+                      f"{self.decoder_hidden} is not divisible by decoder_heads={self.decoder_heads}")
+        self._non_negative("cosine_weight", "mse_weight")
+        self._require(self.cosine_weight + self.mse_weight > 0, "cosine_weight",
+                      "cosine_weight and mse_weight are both 0: the feature decoder would learn nothing")
 
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")   # what a diffusion UNet predicts: noise, v, or x0
@@ -361,7 +201,15 @@ class DecoderConfig(ConfigBase):
                       f"expected 'epsilon', 'v_prediction' or 'sample', got '{self.prediction_type}'")
         self._require(self.spatial_channels is None or self.spatial_channels >= 0, "spatial_channels",
                       f"must be >= 0 (or None for the default), got {self.spatial_channels}")
-        self._require(0 <= self.condition_dropout < 1, "condition_dropout", "must be in [0, 1)")
+        self._fraction("condition_dropout"); self._fraction("ema_decay", low_open=True)
+        self._positive("image_size", "latent_channels", "vae_scale_factor", "block_out_channels", "layers_per_block",
+                       "attention_head_dim", "cross_attention_dim", "num_train_timesteps", "num_inference_steps")
+        self._non_negative("guidance_scale")
+        self._require(len(self.block_out_channels) > 0, "block_out_channels", "needs at least one UNet block")
+        self._require(self.num_inference_steps <= self.num_train_timesteps, "num_inference_steps",
+                      f"{self.num_inference_steps} sampling steps exceed the {self.num_train_timesteps} training timesteps")
+        self._require(not self.latent or self.image_size % self.vae_scale_factor == 0, "image_size",
+                      f"{self.image_size} px is not divisible by vae_scale_factor={self.vae_scale_factor}")
         down = 2 ** (len(self.block_out_channels) - 1)
         self._require(self.sample_size % down == 0, "image_size",
                       f"UNet input {self.sample_size} px is not divisible by its downsampling factor {down}")
@@ -391,8 +239,13 @@ class LLMConfig(ConfigBase):
         self._require(self.kind in ("scratch", "hf"), "kind", f"expected 'scratch' or 'hf', got '{self.kind}'")
         self._require(self.kind != "hf" or bool(self.name_or_path), "name_or_path",
                       "kind='hf' needs a local path or hub id of a causal LM")
+        self._positive("text_vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                       "max_position_embeddings", "adapter_hidden")
         self._require(self.hidden_size % self.num_heads == 0, "hidden_size",
                       f"{self.hidden_size} is not divisible by num_heads={self.num_heads}")
+        self._require(self.hidden_size // self.num_heads % 2 == 0, "hidden_size",
+                      f"head size {self.hidden_size // self.num_heads} (hidden_size / num_heads) must be even for "
+                      "rotary position embeddings")
         self._require(self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
                       f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         self._require(self.new_row_init in ("mean", "normal"), "new_row_init",
@@ -426,9 +279,11 @@ class StageConfig(ConfigBase):
                           f"unknown parameter group '{g}'.{_closest(g, self.GROUPS)} Valid: {', '.join(self.GROUPS)}")
             self._require(self.lrs[g] > 0, "lrs", f"learning rate of '{g}' must be positive")
         self._require(bool(self.lrs), "lrs", "a stage must train at least one parameter group")
-        self._require(self.batch_size > 0 and self.steps > 0, "steps", "batch_size and steps must be positive")
+        self._positive("batch_size", "steps", "image_size", "base_resolution", "save_every")
+        self._non_negative("weight_decay", "seed"); self._fraction("warmup_ratio")
         self._require(1 <= self.max_slices <= 16, "max_slices", f"expected 1..16, got {self.max_slices}")
-        self._require(all(w >= 0 for w in self.data.values()), "data", "mixture weights must be >= 0")
+        self._require(all(w >= 0 for w in self.data.values()), "data", f"mixture weights must be >= 0, got {self.data}")
+        self._require(not self.data or sum(self.data.values()) > 0, "data", "mixture weights are all 0")
 
 
 @dataclass
@@ -448,8 +303,9 @@ class SelfEnhanceConfig(ConfigBase):
         valid = ("object", "count", "color", "position")
         for a in self.aspects:
             self._require(a in valid, "aspects", f"unknown aspect '{a}'.{_closest(a, valid)} Valid: {', '.join(valid)}")
-        self._require(0 < self.good_threshold <= 1, "good_threshold", "must be in (0, 1]")
-        self._require(0 <= self.mix_ratio < 1, "mix_ratio", "must be in [0, 1)")
+        self._require(bool(self.aspects), "aspects", "needs at least one aspect to assess")
+        self._fraction("good_threshold", low_open=True, high_open=False); self._fraction("mix_ratio")
+        self._positive("num_captions", "images_per_caption", "temperature"); self._non_negative("cfg_scale")
 
 
 @dataclass
@@ -465,6 +321,12 @@ class EvalConfig(ConfigBase):
     batch_size: int = 32
     cfg_scale: float = 3.0
     seed: int = 1234
+
+    def validate(self):
+        self._positive("pope_per_split", "mmbench_questions", "vqa_questions", "geneval_prompts_per_category",
+                       "geneval_images_per_prompt", "edit_samples", "batch_size")
+        self._require(self.fid_samples >= 2, "fid_samples", f"a Frechet distance needs at least 2 samples, got {self.fid_samples}")
+        self._non_negative("cfg_scale", "seed")
 
 # %% ../nbs/00a_config.ipynb #01bf0ecf
 @dataclass
@@ -484,12 +346,30 @@ class IllumeRefConfig(ConfigBase):
     self_enhance: SelfEnhanceConfig = field(default_factory=SelfEnhanceConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    @classmethod
+    def load(cls, path: str | Path, preset: str | None = None) -> "IllumeRefConfig":
+        """Read a config file. A partial file starts from a preset (its `preset:` key, else `preset`, else 'toy')
+        and changes only the fields it names; a `preset` that disagrees with the file's `preset:` key is refused."""
+        d = cls.read_file(path)
+        named = d.get("preset")
+        if preset is not None and named is not None and named != preset:
+            raise ConfigError(f"config file '{path}' says preset: {named}, but preset '{preset}' was asked for: "
+                              "give one of the two (a config file starts from its own preset)")
+        try:
+            return cls.from_dict(merge_config_dicts(preset_config(named if named is not None else preset or "toy").to_dict(),
+                                                    d, cls))
+        except ConfigError as e:
+            raise ConfigError(f"in '{path}': {e}") from None
+
     @property
     def num_visual_tokens(self) -> int:
         "Size of the visual vocabulary the LLM is extended by (= codebook size)."
         return self.quantizer.num_codes
 
     def validate(self):
+        self._require(self.preset in PRESETS, "preset",
+                      f"unknown preset '{self.preset}'.{_closest(str(self.preset), PRESETS)} Valid presets: {', '.join(PRESETS)}")
+        self._non_negative("seed")
         enc, tok = self.encoder, self.tokenizer
         self._require(tok.tokens_per_image == enc.num_tokens, "tokenizer.tokens_per_image",
                       f"{tok.tokens_per_image} tokens per image, but the encoder gives a {enc.grid}x{enc.grid} "
@@ -598,12 +478,16 @@ def _full() -> IllumeRefConfig:
 PRESETS = {"toy": _toy, "small": _small, "full": _full}
 
 
-def get_config(preset: str = "toy", overrides: list[str] | dict | None = None,
+def preset_config(name: str) -> IllumeRefConfig:
+    "A fresh config of the preset `name`."
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset '{name}'.{_closest(str(name), PRESETS)} Valid presets: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+def get_config(preset: str | None = None, overrides: list[str] | dict | None = None,
                path: str | Path | None = None) -> IllumeRefConfig:
-    "The named preset (or the config saved at `path`), with dotted `overrides` applied."
-    if path is not None: cfg = IllumeRefConfig.load(path)
-    else:
-        if preset not in PRESETS:
-            raise ConfigError(f"unknown preset '{preset}'.{_closest(preset, PRESETS)} Valid presets: {', '.join(PRESETS)}")
-        cfg = PRESETS[preset]()
+    """The named preset (default 'toy'), or the config file at `path` (a partial file starts from its preset:
+    see `IllumeRefConfig.load`; `preset` must then agree with it), with dotted `overrides` applied."""
+    cfg = IllumeRefConfig.load(path, preset) if path is not None else preset_config(preset or "toy")
     return cfg.override(overrides) if overrides else cfg

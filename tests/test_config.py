@@ -78,3 +78,131 @@ def test_part_configs_check_themselves():
         StageConfig(name="stage1", lrs={})
     e = EncoderConfig(image_size=448, patch_size=14, token_merge=2, hidden_size=1024, num_heads=16)
     assert (e.grid, e.num_tokens, e.output_dim) == (16, 256, 4096)
+
+
+def _numeric_fields(cfg, prefix=""):
+    "(dotted name, value) of every number (or list of numbers) of a config, nested sections included."
+    import dataclasses
+    for f in dataclasses.fields(cfg):
+        v, name = getattr(cfg, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(v): yield from _numeric_fields(v, name + ".")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool): yield name, v
+        elif isinstance(v, list) and v and all(isinstance(x, int) for x in v): yield name, v
+        elif f.type.startswith("Optional[int]"): yield name, v
+
+
+def test_every_size_count_and_rate_refuses_a_negative_value_by_name():
+    "Every numeric field of every section: -1 (and NaN for floats) is refused with the dotted field named."
+    names = [n for n, _ in _numeric_fields(get_config("toy"))]
+    assert {"llm.hidden_size", "decoder.train.steps", "tokenizer.train.schedule_steps", "eval.fid_samples"} <= set(names)
+    for name, value in _numeric_fields(get_config("toy")):
+        if name == "encoder.select_layer": continue                  # counts from the end when negative
+        bad = [-1] if isinstance(value, list) else -1
+        with pytest.raises(ConfigError, match=re.escape(f"config field '{name}'")):
+            get_config("toy", {name: bad})
+        if isinstance(value, float):
+            with pytest.raises(ConfigError, match=re.escape(f"'{name}' expects a finite number, got nan")):
+                get_config("toy", {name: float("nan")})
+
+
+@pytest.mark.parametrize("override,message", [
+    ("llm.hidden_size=-256", "'llm.hidden_size': must be positive, got -256"),
+    ("encoder.num_layers=-1", "'encoder.num_layers': must be positive, got -1"),
+    ("llm.text_vocab_size=0", "'llm.text_vocab_size': must be positive, got 0"),
+    ("tokenizer.decoder_layers=-3", "'tokenizer.decoder_layers': must be positive, got -3"),
+    ("tokenizer.decoder_heads=0", "'tokenizer.decoder_heads': must be positive, got 0"),
+    ("tokenizer.decoder_heads=3", "'tokenizer.decoder_hidden': 128 is not divisible by decoder_heads=3"),
+    ("encoder.patch_size=0", "'encoder.patch_size': must be positive, got 0"),
+    ("encoder.num_heads=0", "'encoder.num_heads': must be positive, got 0"),
+    ("encoder.token_merge=0", "'encoder.token_merge': must be positive, got 0"),
+    ("encoder.image_size=60", "image size 60 is not divisible by patch size 8"),
+    ("encoder.select_layer=5", "'encoder.select_layer': 5 is out of range for 4 layers"),
+    ("tokenizer.tokens_per_image=-4", "'tokenizer.tokens_per_image': must be positive, got -4"),
+    ("tokenizer.train.batch_size=0", "'tokenizer.train.batch_size': must be positive, got 0"),
+    ("decoder.block_out_channels=[16, 0]", "'decoder.block_out_channels': must be positive, got [16, 0]"),
+    ("decoder.block_out_channels=[]", "'decoder.block_out_channels': needs at least one UNet block"),
+    ("decoder.num_inference_steps=2000", "2000 sampling steps exceed the 1000 training timesteps"),
+    ("decoder.ema_decay=1", "'decoder.ema_decay': must be in (0, 1), got 1.0"),
+    ("decoder.condition_dropout=1", "'decoder.condition_dropout': must be in [0, 1), got 1.0"),
+    ("llm.num_kv_heads=0", "'llm.num_kv_heads': must be positive, got 0"),
+    ("llm.hidden_size=260", "head size 65 (hidden_size / num_heads) must be even"),
+    ("stage2.warmup_ratio=1.5", "'stage2.warmup_ratio': must be in [0, 1), got 1.5"),
+    ("stage1.steps=0", "'stage1.steps': must be positive, got 0"),
+    ("stage1.data={caption: 0}", "'stage1.data': mixture weights are all 0"),
+    ("self_enhance.good_threshold=0", "'self_enhance.good_threshold': must be in (0, 1], got 0.0"),
+    ("self_enhance.aspects=[]", "needs at least one aspect"),
+    ("eval.fid_samples=1", "a Frechet distance needs at least 2 samples, got 1"),
+    ("eval.pope_per_split=0", "'eval.pope_per_split': must be positive, got 0"),
+    ("world.shapes=[]", "'world.shapes': must be null (all) or a list of distinct names, got []"),
+    ("world.max_objects=0", "'world.max_objects': must be >= min_objects=1, got 0"),
+    ("tokenizer.cosine_weight=0", None),
+    ("quantizer.kmeans_iters=0", "'quantizer.kmeans_iters': must be positive, got 0"),
+    ("tokenizer.train.lr=.inf", "'tokenizer.train.lr' expects a finite number, got inf"),
+    ("seed=-1", "config field 'seed': must be >= 0, got -1"),
+])
+def test_sizes_and_rates_out_of_range_are_refused(override, message):
+    if message is None:                                              # one weight may be 0, not both
+        cfg = get_config("toy", [override])
+        assert cfg.tokenizer.cosine_weight == 0
+        with pytest.raises(ConfigError, match="cosine_weight and mse_weight are both 0"):
+            cfg.override(["tokenizer.mse_weight=0"])
+        return
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        get_config("toy", [override])
+
+
+@pytest.mark.parametrize("value", ["[red", "{a: 1", "@x", "'open"])
+def test_an_unparsable_override_value_is_a_config_error_naming_it(value):
+    with pytest.raises(ConfigError, match=re.escape(f"cannot parse the value of override 'world.colors={value}'")):
+        get_config("toy", [f"world.colors={value}"])
+
+
+def test_preset_cannot_be_relabelled_by_an_override():
+    with pytest.raises(ConfigError, match="'preset' cannot be overridden"):
+        get_config("toy", ["preset=full"])
+
+
+def test_a_partial_config_file_starts_from_its_preset(tmp_path):
+    only = tmp_path / "full.yaml"
+    only.write_text("preset: full\n")
+    assert get_config(path=only) == get_config("full")
+    assert get_config("full", path=only) == get_config("full")              # agreeing is fine
+    part = tmp_path / "part.yaml"
+    part.write_text("preset: small\nquantizer:\n  num_codes: 1024\nstage1:\n  lrs: {adapter: 0.01}\n")
+    cfg = get_config(path=part)
+    assert cfg == get_config("small", ["quantizer.num_codes=1024"]).replace(
+        stage1=get_config("small").stage1.replace(lrs={"adapter": 0.01}))  # a dict-valued field is replaced whole
+    assert cfg.quantizer.chunk_size == get_config("small").quantizer.chunk_size
+    bare = tmp_path / "bare.json"
+    bare.write_text('{"eval": {"batch_size": 4}}')
+    assert get_config(path=bare) == get_config("toy", ["eval.batch_size=4"])          # no preset anywhere: toy
+    assert get_config("full", path=bare) == get_config("full", ["eval.batch_size=4"])  # the file names none
+    with pytest.raises(ConfigError, match=r"full.yaml' says preset: full, but preset 'toy' was asked for"):
+        get_config("toy", path=only)
+    (tmp_path / "typo.yaml").write_text("preset: ful\n")
+    with pytest.raises(ConfigError, match=r"typo.yaml.*unknown preset 'ful'. Did you mean 'full'"):
+        get_config(path=tmp_path / "typo.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(ConfigError, match="must hold a mapping of fields, got a list"):
+        get_config(path=tmp_path / "list.yaml")
+
+
+def test_config_changes_names_each_differing_field():
+    from illume_ref.configbase import config_changes
+    old, new = get_config("toy"), get_config("toy", ["quantizer.beta=0.5", "stage2.lrs.vision_encoder=1e-5"])
+    assert config_changes(old.to_dict(), new.to_dict()) == {"quantizer.beta": (0.25, 0.5),
+                                                             "stage2.lrs.vision_encoder": ("<not set>", 1e-5)}
+
+
+def test_save_is_atomic_and_keeps_normal_permissions(tmp_path, monkeypatch):
+    import os
+    path = get_config("toy").save(tmp_path / "config.yaml")
+    umask = os.umask(0); os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    before = path.read_text()
+
+    def disk_full(fd): raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "fsync", disk_full)                 # the write fails before it is complete
+    with pytest.raises(OSError, match="No space left"):
+        get_config("full").save(path)
+    assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
