@@ -5,7 +5,7 @@
 # %% ../nbs/00b_training.ipynb #dfc1dbee
 from __future__ import annotations
 
-import copy
+import logging
 import math
 import random
 import shutil
@@ -13,16 +13,17 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from .config import TrainConfig
-from .core import autocast, load_json, resolve_dtype, save_json
+from .core import atomic_dir, autocast, load_json, load_safetensors, resolve_dtype, save_json, save_safetensors
+
+log = logging.getLogger("illume_ref.training")   # a name, not __name__: the notebook runs as __main__
 
 # %% auto #0
-__all__ = ['RESUME_FIELDS', 'step_seed', 'step_rng', 'warmup_cosine', 'EMA', 'save_checkpoint', 'load_checkpoint',
-           'list_checkpoints', 'check_resume_config', 'Trainer']
+__all__ = ['log', 'RESUME_FIELDS', 'step_seed', 'step_rng', 'warmup_cosine', 'EMA', 'DamagedCheckpoint', 'save_checkpoint',
+           'load_checkpoint', 'list_checkpoints', 'check_resume_config', 'Trainer']
 
 # %% ../nbs/00b_training.ipynb #de981691
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
@@ -77,55 +78,65 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def _contiguous(sd: dict) -> dict:
-    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+class DamagedCheckpoint(ValueError):
+    "A checkpoint file is missing, truncated or unreadable (`Trainer` then resumes from an earlier checkpoint)."
 
 
 def save_checkpoint(path: str | Path, models: dict[str, nn.Module], optimizer=None, scheduler=None,
                     state: dict | None = None, emas: dict[str, EMA] | None = None, scaler=None) -> Path:
-    "Write a complete checkpoint folder at `path` (atomically: a temporary folder renamed at the end)."
+    "Write a complete checkpoint folder at `path`, atomically (`core.atomic_dir`: `path` is whole or absent)."
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists(): shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    for name, m in models.items(): save_file(_contiguous(_unwrap(m).state_dict()), tmp / f"{name}.safetensors")
-    for name, e in (emas or {}).items(): save_file(_contiguous(e.state_dict()), tmp / f"{name}.ema.safetensors")
-    if optimizer is not None: torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    if scheduler is not None: torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    if scaler is not None: torch.save(scaler.state_dict(), tmp / "scaler.pt")
-    save_json(state or {}, tmp / "trainer_state.json")
-    if path.exists(): shutil.rmtree(path)
-    tmp.rename(path)
+    with atomic_dir(path) as tmp:
+        for name, m in models.items(): save_safetensors(_unwrap(m).state_dict(), tmp / f"{name}.safetensors")
+        for name, e in (emas or {}).items(): save_safetensors(e.state_dict(), tmp / f"{name}.ema.safetensors")
+        for name, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+            if obj is not None: torch.save(obj.state_dict(), tmp / f"{name}.pt")
+        save_json(state or {}, tmp / "trainer_state.json")
     return path
+
+
+def _read(path: Path, what: str):
+    "The content of one checkpoint file (safetensors, .pt or .json), or a `DamagedCheckpoint` naming it."
+    if not path.is_file(): raise DamagedCheckpoint(f"checkpoint '{path.parent}' has no {what} ({path.name})")
+    try:
+        if path.suffix == ".safetensors": return load_safetensors(path)
+        return load_json(path) if path.suffix == ".json" else torch.load(path, weights_only=True)
+    except Exception as e:                     # truncated safetensors or zip, bad pickle, malformed JSON ...
+        raise DamagedCheckpoint(str(e) if path.suffix != ".pt" else
+                                f"cannot read '{path}' ({type(e).__name__}: {e})") from None
+
+
+def _check_fits(sd: dict, own: dict, f: Path, name: str):
+    "Refuse weights `sd` (read from file `f`) whose keys or shapes differ from the state dict `own` of `name`."
+    bad = sorted(k for k in sd if k in own and sd[k].shape != own[k].shape)
+    if bad or set(sd) != set(own):
+        detail = (f"shape of '{bad[0]}' is {tuple(sd[bad[0]].shape)} in the checkpoint, {tuple(own[bad[0]].shape)} in "
+                  f"the model" if bad else f"keys differ: {sorted(set(sd) ^ set(own))[:5]}")
+        raise ValueError(f"checkpoint '{f}' does not match model '{name}': {detail}")
 
 
 def load_checkpoint(path: str | Path, models: dict[str, nn.Module], optimizer=None, scheduler=None,
                     emas: dict[str, EMA] | None = None, scaler=None) -> dict:
-    "Load a checkpoint written by `save_checkpoint` into the given objects; returns the trainer state."
+    """Load a checkpoint written by `save_checkpoint` into the given objects; returns the trainer state. Every
+    file is read and checked before anything is loaded, so a damaged checkpoint (`DamagedCheckpoint`, naming
+    the file) leaves the objects as they were."""
     path = Path(path)
     if not (path / "trainer_state.json").exists():
         raise FileNotFoundError(f"'{path}' is not a complete checkpoint (no trainer_state.json)")
-    for name, m in models.items():
-        f = path / f"{name}.safetensors"
-        if not f.exists(): raise FileNotFoundError(f"checkpoint '{path}' has no weights for model '{name}' ({f.name})")
-        sd = load_file(f)
-        target = _unwrap(m)
-        own = target.state_dict()
-        bad = sorted(k for k in sd if k in own and sd[k].shape != own[k].shape)
-        if bad or set(sd) != set(own):
-            detail = (f"shape of '{bad[0]}' is {tuple(sd[bad[0]].shape)} in the checkpoint, {tuple(own[bad[0]].shape)} in the model"
-                      if bad else f"keys differ: {sorted(set(sd) ^ set(own))[:5]}")
-            raise ValueError(f"checkpoint '{f}' does not match model '{name}': {detail}")
-        target.load_state_dict(sd)
-    for name, e in (emas or {}).items(): e.load_state_dict(load_file(path / f"{name}.ema.safetensors"))
-    if optimizer is not None: optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    if scheduler is not None: scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    if scaler is not None:
-        if not (path / "scaler.pt").exists():
-            raise FileNotFoundError(f"checkpoint '{path}' has no loss-scaler state (scaler.pt): it was not written by an "
-                                    "fp16 run, so it cannot resume one (the training dtype differs)")
-        scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
-    return load_json(path / "trainer_state.json")
+    if scaler is not None and not (path / "scaler.pt").exists():
+        raise FileNotFoundError(f"checkpoint '{path}' has no loss-scaler state (scaler.pt): it was not written by an "
+                                "fp16 run, so it cannot resume one (the training dtype differs)")
+    state = _read(path / "trainer_state.json", "trainer state")
+    weights = {n: _read(path / f"{n}.safetensors", f"weights for model '{n}'") for n in models}
+    averaged = {n: _read(path / f"{n}.ema.safetensors", f"EMA weights for '{n}'") for n in emas or {}}
+    others = {n: (obj, _read(path / f"{n}.pt", f"{n} state"))
+              for n, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)) if obj is not None}
+    for n, sd in weights.items(): _check_fits(sd, _unwrap(models[n]).state_dict(), path / f"{n}.safetensors", n)
+    for n, sd in averaged.items(): _check_fits(sd, emas[n].state_dict(), path / f"{n}.ema.safetensors", f"{n} (EMA)")
+    for n, sd in weights.items(): _unwrap(models[n]).load_state_dict(sd)
+    for n, sd in averaged.items(): emas[n].load_state_dict(sd)
+    for obj, sd in others.values(): obj.load_state_dict(sd)
+    return state
 
 
 def list_checkpoints(out_dir: str | Path) -> list[Path]:
@@ -137,16 +148,23 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
 
 
 # Fields of `TrainConfig` that a resumed run must share with its checkpoint: each one changes the weights.
-# `steps` may change (a run is extended with `--resume --steps N`) but not below the step already reached;
-# `log_every` and `save_every` are bookkeeping.
+# `steps` may change (a run is extended with `--resume --steps N`) but not below the step already reached, and the
+# LR schedule must stay the one the run started with (`schedule_steps`); `log_every` and `save_every` are bookkeeping.
 RESUME_FIELDS = ("lr", "batch_size", "warmup_steps", "weight_decay", "grad_clip", "grad_accum", "seed", "dtype")
 
 
-def check_resume_config(saved: dict, now: TrainConfig, step: int, where: str | Path = "the checkpoint"):
-    "Raise a ValueError naming every field of `now` that differs from the `saved` `TrainConfig` dict in a way resume cannot honour."
+def check_resume_config(saved: dict, now: TrainConfig, step: int, where: str | Path = "the checkpoint",
+                        schedule: bool = True):
+    """Raise a ValueError naming every field of `now` that differs from the `saved` `TrainConfig` dict in a way resume
+    cannot honour. With `schedule` (a warm-up + cosine LR), the length of the schedule must not change either."""
     now_d = now.to_dict()
     diffs = [f"{k}: saved {saved[k]!r}, now {now_d[k]!r}" for k in RESUME_FIELDS if k in saved and saved[k] != now_d[k]]
     if now.steps < step: diffs.append(f"steps: now {now.steps}, below the step {step} already reached")
+    if schedule and "steps" in saved:
+        before, after = saved.get("schedule_steps") or saved["steps"], now.schedule_steps or now.steps
+        if before != after:
+            diffs.append(f"LR schedule: saved over {before} steps, now over {after} (warm-up + cosine spans the whole "
+                         f"run; to extend it keep schedule_steps={before}: the steps past it train at its final LR)")
     if diffs:
         raise ValueError(f"cannot resume from '{where}' with a different training config ({'; '.join(diffs)}): "
                          "use the saved values, or start a new run in another folder")
@@ -161,7 +179,9 @@ class Trainer:
     - `optimizer`: built by the caller over the parameters it wants trained.
     - `resume=True` continues from the latest checkpoint in `out_dir` (if any); `resume=False`
       refuses an `out_dir` that already has checkpoints, so nothing written is lost. The checkpoint's
-      `TrainConfig` must match `train` on `RESUME_FIELDS` (`steps` may grow).
+      `TrainConfig` must match `train` on `RESUME_FIELDS`; `steps` may grow, the LR schedule may not
+      (`train.schedule_steps`, default `steps`). A damaged latest checkpoint is skipped, with a logged
+      warning naming it and the checkpoint resumed from.
     - fp16 (`train.dtype`, resolved for `device`) trains with a `torch.amp.GradScaler`, checkpointed with the rest.
     """
     def __init__(self, models: dict[str, nn.Module], optimizer: torch.optim.Optimizer, train: TrainConfig,
@@ -171,7 +191,8 @@ class Trainer:
         self.models, self.optimizer, self.train, self.emas = models, optimizer, train, emas or {}
         if keep_last < 1: raise ValueError(f"keep_last must be >= 1 (checkpoints to keep), got {keep_last}")
         self.out_dir, self.device, self.desc, self.progress, self.keep_last = Path(out_dir), torch.device(device), desc, progress, keep_last
-        self.scheduler = (warmup_cosine(optimizer, train.warmup_steps, train.steps) if scheduler == "cosine"
+        self.schedule_steps = train.schedule_steps or train.steps      # what warm-up + cosine spans
+        self.scheduler = (warmup_cosine(optimizer, train.warmup_steps, self.schedule_steps) if scheduler == "cosine"
                           else torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0) if scheduler in (None, "constant")
                           else None)
         if self.scheduler is None: raise ValueError(f"unknown scheduler '{scheduler}': use 'cosine' or 'constant'")
@@ -182,11 +203,27 @@ class Trainer:
         if existing and not resume:
             raise FileExistsError(f"'{self.out_dir}' already holds checkpoints (latest {existing[-1].name}): "
                                   "pass resume=True (--resume) to continue, or choose another output folder")
-        if existing:
-            saved = load_json(existing[-1] / "trainer_state.json")
-            check_resume_config(saved.get("train", {}), train, saved["step"], existing[-1])
-            state = load_checkpoint(existing[-1], models, optimizer, self.scheduler, self.emas, self.scaler)
+        if existing: self._resume(existing, schedule=scheduler == "cosine")
+
+    def _resume(self, checkpoints: list[Path], schedule: bool):
+        "Load the newest readable checkpoint; damaged newer ones are skipped and named in a logged warning."
+        damaged = []
+        for ck in reversed(checkpoints):
+            try:
+                saved = _read(ck / "trainer_state.json", "trainer state")
+                if not isinstance(saved, dict) or not isinstance(saved.get("step"), int):
+                    raise DamagedCheckpoint(f"'{ck / 'trainer_state.json'}' holds no step number")
+                check_resume_config(saved.get("train", {}), self.train, saved["step"], ck, schedule)  # not skipped
+                state = load_checkpoint(ck, self.models, self.optimizer, self.scheduler, self.emas, self.scaler)
+            except DamagedCheckpoint as e:
+                damaged.append(str(e)); continue
+            if damaged:
+                log.warning(f"{self.desc}: resuming from '{ck}' (step {state['step']}): skipped the damaged newer "
+                            f"checkpoint(s): {'; '.join(damaged)}")
             self.step, self.history = state["step"], state.get("history", [])
+            return
+        raise DamagedCheckpoint(f"no checkpoint under '{self.out_dir / 'checkpoints'}' can be read ({'; '.join(damaged)}); "
+                                "remove the damaged folders to start the run over")
 
     def rng(self, step: int) -> random.Random:
         "The data generator for `step` (the same before and after a resume)."

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,14 +9,16 @@ import torch
 from torch import nn
 
 from illume_ref.config import TrainConfig
-from illume_ref.training import EMA, Trainer, list_checkpoints, load_checkpoint, save_checkpoint
+from illume_ref.training import (EMA, DamagedCheckpoint, Trainer, list_checkpoints, load_checkpoint,
+                                 save_checkpoint)
 
 
-def build(out, resume=False, steps=10, seed=3):
+def build(out, resume=False, steps=10, seed=3, schedule_steps=None):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.3), nn.Linear(8, 1))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    cfg = TrainConfig(lr=1e-2, steps=steps, batch_size=4, save_every=3, log_every=1, warmup_steps=2, seed=seed)
+    cfg = TrainConfig(lr=1e-2, steps=steps, batch_size=4, save_every=3, log_every=1, warmup_steps=2, seed=seed,
+                      schedule_steps=schedule_steps)
     tr = Trainer({"model": model}, opt, cfg, out, emas={"model": EMA(model, 0.8)}, resume=resume, progress=False)
 
     def step_fn(step):
@@ -67,8 +70,83 @@ def test_resume_refuses_a_changed_config_but_lets_steps_grow(tmp_path):
         assert part in str(e.value)
     with pytest.raises(ValueError, match="steps: now 5, below the step 6 already reached"):
         build(tmp_path / "r", resume=True, steps=5)
-    tr, _, fn = build(tmp_path / "r", resume=True, steps=8)               # extending a run is fine
+    # the cosine schedule spans the whole run: extending it must keep the schedule it started with
+    with pytest.raises(ValueError, match=r"LR schedule: saved over 6 steps, now over 8 .*keep schedule_steps=6"):
+        build(tmp_path / "r", resume=True, steps=8)
+    tr, _, fn = build(tmp_path / "r", resume=True, steps=8, schedule_steps=6)   # extending a run is fine
     assert tr.step == 6 and tr.fit(fn)[-1]["step"] == 8
+
+
+def test_an_extended_run_equals_a_straight_run_of_its_config(tmp_path):
+    "6 steps, then --resume to 8 with the 6-step schedule kept == one run of steps=8, schedule_steps=6 (bit for bit)."
+    straight, a, fn = build(tmp_path / "a", steps=8, schedule_steps=6); straight.fit(fn)
+    tr, _, fn = build(tmp_path / "b", steps=6); tr.fit(fn)
+    tr, b, fn = build(tmp_path / "b", resume=True, steps=8, schedule_steps=6); tr.fit(fn)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert tr.history == straight.history
+    lrs = [h["lr"] for h in tr.history]
+    assert lrs[5] == lrs[6] == lrs[7] == pytest.approx(0.1 * 1e-2)        # past its schedule: the final (floor) LR
+    assert lrs[4] > lrs[5]
+
+
+def _truncate(path, keep=40):
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def test_resume_skips_a_damaged_latest_checkpoint_and_says_so(tmp_path, caplog):
+    straight, a, fn = build(tmp_path / "a", steps=8); straight.fit(fn)
+    tr, _, fn = build(tmp_path / "b", steps=8); tr.fit(fn, stop_at=7)              # checkpoints at 3 and 6
+    _truncate(tmp_path / "b" / "checkpoints" / "step-000006" / "model.safetensors")
+    with caplog.at_level("WARNING", logger="illume_ref.training"):
+        tr, b, fn = build(tmp_path / "b", resume=True, steps=8)
+    assert tr.step == 3
+    message = caplog.text
+    assert "step-000003" in message and "step-000006" in message and "model.safetensors" in message
+    tr.fit(fn)                                                                       # still exact from step 3
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    # an unreadable optimizer state is skipped the same way; when nothing can be read, the error names every file
+    ck = list_checkpoints(tmp_path / "b")
+    _truncate(ck[-1] / "optimizer.pt"); (ck[0] / "trainer_state.json").write_text("{")
+    with pytest.raises(DamagedCheckpoint) as e:
+        build(tmp_path / "b", resume=True, steps=8)
+    assert "optimizer.pt" in str(e.value) and "trainer_state.json" in str(e.value) and "line 1" in str(e.value)
+
+
+def test_damaged_files_are_named_and_load_nothing(tmp_path):
+    m = nn.Linear(3, 2)
+    ck = save_checkpoint(tmp_path / "ck", {"m": m}, state={"step": 1})
+    target = nn.Linear(3, 2); before = target.weight.detach().clone()
+    _truncate(ck / "m.safetensors")
+    with pytest.raises(ValueError, match=r"cannot read weights '.*m\.safetensors' \(40 bytes\)"):
+        load_checkpoint(ck, {"m": target})
+    (ck / "m.safetensors").write_text("not safetensors at all")
+    with pytest.raises(ValueError, match=r"m\.safetensors"):
+        load_checkpoint(ck, {"m": target})
+    assert torch.equal(target.weight, before)
+    # two models, the second one damaged: the first is not loaded either
+    ck2 = save_checkpoint(tmp_path / "ck2", {"a": m, "b": m}, state={"step": 1})
+    _truncate(ck2 / "b.safetensors")
+    with pytest.raises(DamagedCheckpoint):
+        load_checkpoint(ck2, {"a": target, "b": nn.Linear(3, 2)})
+    assert torch.equal(target.weight, before)
+
+
+def test_checkpoints_are_written_atomically_with_normal_permissions(tmp_path):
+    class Broken:
+        def state_dict(self): raise RuntimeError("disk full")
+    m = nn.Linear(2, 2)
+    root = tmp_path / "checkpoints"
+    first = save_checkpoint(root / "step-000001", {"m": m}, state={"step": 1})
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_checkpoint(root / "step-000001", {"m": nn.Linear(2, 2)}, optimizer=Broken(), state={"step": 1})
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_checkpoint(root / "step-000002", {"m": m}, optimizer=Broken(), state={"step": 2})
+    assert sorted(p.name for p in root.iterdir()) == ["step-000001"]        # no half-written folder is left
+    fresh = nn.Linear(2, 2); load_checkpoint(first, {"m": fresh})
+    assert torch.equal(fresh.weight, m.weight)                                 # the old checkpoint is intact
+    umask = os.umask(0); os.umask(umask)
+    assert (first / "m.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert first.stat().st_mode & 0o777 == 0o777 & ~umask
 
 
 def test_stop_at_zero_keep_last_and_checkpoint_order(tmp_path):
