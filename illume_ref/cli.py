@@ -6,26 +6,33 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import glob
+import inspect
 import json
+import logging
 import platform
+import shutil
 import sys
-import time
 from pathlib import Path
 
 from . import __version__
-from .config import ConfigError, get_config
-from .core import available_devices, get_device, new_run_dir, save_json, seed_everything
+from .config import ConfigError, IllumeRefConfig, get_config
+from .configbase import config_changes
+from .core import available_devices, get_device, new_run_dir, open_image, save_json
 
 # %% auto #0
-__all__ = ['TRAIN_TARGETS', 'BENCHMARKS', 'add_config_args', 'config_from_args', 'cmd_info', 'cmd_config', 'cmd_demo',
-           'cmd_train', 'cmd_bench', 'open_image', 'cmd_chat', 'cmd_generate', 'cmd_edit', 'cmd_eval', 'build_parser',
-           'main']
+__all__ = ['TRAIN_TARGETS', 'TRAIN_SECTIONS', 'RESUMABLE', 'BENCHMARKS', 'EVAL_SECTIONS', 'add_config_args', 'config_from_args',
+           'count', 'fresh_run_dir', 'cmd_info', 'cmd_config', 'cmd_demo', 'train_config', 'cmd_train', 'cmd_bench',
+           'cmd_chat', 'cmd_generate', 'cmd_edit', 'cmd_eval', 'build_parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #457ef47c
 def add_config_args(p: argparse.ArgumentParser):
     "Add `--preset`, `--config` and `--set` to a subcommand's parser."
-    p.add_argument("--preset", default="toy", help="named preset: toy, small or full (default: toy)")
-    p.add_argument("--config", default=None, help="a YAML/JSON config file (instead of a preset)")
+    p.add_argument("--preset", default=None, help="named preset: toy, small or full (default: toy, or the --config "
+                   "file's preset: key; the two may not disagree)")
+    p.add_argument("--config", default=None, help="a YAML/JSON config file; a partial one starts from its preset and "
+                   "changes only the fields it names")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set quantizer.num_codes=1024 (repeatable)")
 
@@ -33,6 +40,36 @@ def add_config_args(p: argparse.ArgumentParser):
 def config_from_args(args):
     "The config a subcommand's `--preset/--config/--set` describe."
     return get_config(args.preset, args.overrides, path=args.config)
+
+
+def count(minimum: int):
+    "An argparse `type`: an integer of at least `minimum` (argparse names the option when it is not)."
+    def parse(text: str) -> int:
+        try: n = int(text)
+        except ValueError: raise argparse.ArgumentTypeError(f"expected an integer, got '{text}'") from None
+        if n < minimum: raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {n}")
+        return n
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+@contextlib.contextmanager
+def fresh_run_dir(path: str | Path, keep=None):
+    """A new run folder (`core.new_run_dir`) for the block. If the block fails, the folder goes again (or is emptied,
+    when it was an empty folder before), so a failed command leaves no run behind; unless `keep(folder)` returns a
+    note (why the folder holds work worth keeping), which is printed instead."""
+    path = Path(path)
+    before = set(path.parent.glob(glob.escape(path.name) + "*")) if path.parent.is_dir() else set()
+    out = new_run_dir(path)
+    try:
+        yield out
+    except BaseException:
+        note = keep(out) if keep is not None else None
+        if note: print(f"illume-ref: note: {note}", file=sys.stderr)
+        else:
+            shutil.rmtree(out, ignore_errors=True)
+            if out in before: out.mkdir()
+        raise
 
 # %% ../nbs/90_cli.ipynb #93eddb43
 def cmd_info(args) -> int:
@@ -72,39 +109,108 @@ TRAIN_TARGETS = {
     "tokenizer": "the vision tokenizer: --kind semantic (feature reconstruction) or reconstruction (pixel VQ)",
     "decoder": "the diffusion decoder: codes of --tokenizer DIR (default: the cached toy tokenizer) -> pixels",
 }
+TRAIN_SECTIONS = {"tokenizer": "tokenizer.train", "decoder": "decoder.train"}   # the TrainConfig each target uses
+RESUMABLE = ("steps", "schedule_steps", "log_every", "save_every")          # what a resume may change in it
 
 
-def _train_dir(args) -> Path:
-    out = Path(args.out or f"runs/{args.target}")
-    if args.resume:
-        if not out.is_dir(): raise FileNotFoundError(f"--resume needs an existing run folder, and '{out}' is not one")
-        return out
-    return new_run_dir(out)
+def _check_train_args(args):
+    "Refuse options that do not apply to the target, or values it cannot use, before anything is built."
+    if args.resume and args.target == "encoder":
+        raise ValueError("the toy encoder's pretraining is short and keeps no checkpoints: run it again without --resume")
+    if args.tokenizer is not None and args.target != "decoder":
+        raise ValueError(f"--tokenizer applies to the decoder target, not to '{args.target}'")
+    if args.kind is not None and args.target != "tokenizer":
+        raise ValueError(f"--kind applies to the tokenizer target, not to '{args.target}'")
+    if args.eval_images is not None and args.target == "encoder":
+        raise ValueError("--eval-images applies to the tokenizer and decoder targets, not to 'encoder'")
+    if args.eval_images == 0 and args.target == "tokenizer":
+        raise ValueError("--eval-images must be at least 1 for the tokenizer (its held-out code usage and "
+                         "reconstruction are scored), got 0")
+    get_device(args.device)                                     # an unusable --device fails here, not after training
+
+
+def _field(cfg, dotted: str):
+    for part in dotted.split("."): cfg = getattr(cfg, part)
+    return cfg
+
+
+def _keep_schedule(saved, cfg, section: str):
+    """`cfg` for a resumed run: when its step count differs from the `saved` run's, the LR schedule stays the one
+    the run started with (`TrainConfig.schedule_steps`), and a note says what that means."""
+    old, new = _field(saved, section), _field(cfg, section)
+    if new.steps == old.steps: return cfg
+    if new.schedule_steps is None: cfg = cfg.override({f"{section}.schedule_steps": old.schedule_steps or old.steps})
+    span = _field(cfg, section).schedule_steps
+    if span != new.steps:
+        print(f"illume-ref train: note: the run goes from {old.steps} to {new.steps} steps and keeps its learning-rate "
+              f"schedule (warm-up + cosine over {span} steps): the steps past {span} train at its final LR. A "
+              f"{new.steps}-step run from scratch decays over all {new.steps} steps; start a new run for that.",
+              file=sys.stderr)
+    return cfg
+
+
+def train_config(args, out: Path):
+    """The config of `illume-ref train` with `--steps` written into it. With `--resume`, the run's `config.yaml` is
+    the starting point (unless `--preset`/`--config` are given), and every field that differs from it is refused by
+    name, except those a resume may change (`RESUMABLE` of the target's `TrainConfig`)."""
+    section = TRAIN_SECTIONS.get(args.target)
+    saved_file = out / "config.yaml"
+    saved = IllumeRefConfig.load(saved_file) if args.resume and saved_file.is_file() else None
+    if saved is not None and args.config is None and args.preset is None: cfg = saved.override(args.overrides)
+    else: cfg = config_from_args(args)
+    if args.steps is not None and section: cfg = cfg.override({f"{section}.steps": args.steps})
+    if saved is None or section is None: return cfg
+    cfg = _keep_schedule(saved, cfg, section)
+    changed = {k: v for k, v in config_changes(saved.to_dict(), cfg.to_dict()).items()
+               if k not in {f"{section}.{f}" for f in RESUMABLE}}
+    if changed:
+        shown = "; ".join(f"{k}: {a!r} in the run, {b!r} now" for k, (a, b) in list(changed.items())[:8])
+        more = f"; and {len(changed) - 8} more" if len(changed) > 8 else ""
+        raise ConfigError(f"cannot resume '{out}' with a different config ({shown}{more}): a resume may change only "
+                          f"{', '.join(f'{section}.{f}' for f in RESUMABLE)}. Leave out --preset/--config/--set to "
+                          "resume with the run's own config.yaml, or start a new run in another folder")
+    return cfg
+
+
+def _kept_training(out: Path) -> str | None:
+    "Why a failed training run's folder is kept (its checkpoints or outputs), or None when it holds nothing of value."
+    from illume_ref.training import list_checkpoints
+    checkpoints = list_checkpoints(out)
+    if checkpoints:
+        return (f"the run folder '{out}' keeps its checkpoints (latest {checkpoints[-1].name}): continue it with "
+                f"--resume --out {out}")
+    written = sorted(p.name for p in out.iterdir() if p.name != "config.yaml")
+    return f"the run folder '{out}' keeps what was written: {', '.join(written)}" if written else None
 
 
 def cmd_train(args) -> int:
     "Train `args.target` into a run folder; prints the final metrics."
-    cfg = config_from_args(args)
-    out = _train_dir(args)
-    if not (out / "config.yaml").exists(): cfg.save(out / "config.yaml")
-    if args.target == "encoder":
-        if args.resume: raise ValueError("the toy encoder's pretraining is short and keeps no checkpoints: run it again without --resume")
-        from illume_ref.encoders import pretrain_toy_encoder
-        _, history = pretrain_toy_encoder(cfg.encoder, steps=args.steps or 200, seed=cfg.seed, out_dir=out,
-                                          world=cfg.world, device=args.device)
-        result = {"seconds": history.get("seconds")}
-    elif args.target == "tokenizer":
-        from illume_ref.tokenizer import train_tokenizer
-        kw = {"eval_images": args.eval_images} if args.eval_images is not None else {}
-        _, history = train_tokenizer(cfg, out, kind=args.kind, resume=args.resume, steps=args.steps, device=args.device, **kw)
-        result = {"steps": history["steps"], "seconds": round(history["seconds"], 1), "eval": history["eval"]}
-    elif args.target == "decoder":
-        from illume_ref.decoder import train_decoder
+    # 1. check everything that can be checked before training: options, the config, the tokenizer to decode
+    _check_train_args(args)
+    out = Path(args.out or f"runs/{args.target}")
+    if args.resume and not out.is_dir():
+        raise FileNotFoundError(f"--resume needs an existing run folder, and '{out}' is not one")
+    cfg = train_config(args, out)
+    kw = {"eval_images": args.eval_images} if args.eval_images is not None else {}
+    if args.target == "decoder":
         from illume_ref.tokenizer import load_tokenizer, pretrained_toy_tokenizer
         tokenizer = load_tokenizer(args.tokenizer, config=cfg) if args.tokenizer else pretrained_toy_tokenizer(cfg)
-        kw = {"eval_images": args.eval_images} if args.eval_images is not None else {}
-        _, history = train_decoder(cfg, tokenizer, out, resume=args.resume, steps=args.steps, device=args.device, **kw)
-        result = {k: history.get(k) for k in ("steps", "seconds", "eval")}
+    # 2. train in the run folder (a new one is removed again if this fails before anything worth keeping is written)
+    with (contextlib.nullcontext(out) if args.resume else fresh_run_dir(out, keep=_kept_training)) as out:
+        cfg.save(out / "config.yaml")
+        if args.target == "encoder":
+            from illume_ref.encoders import pretrain_toy_encoder
+            _, history = pretrain_toy_encoder(cfg.encoder, steps=args.steps or 200, seed=cfg.seed, out_dir=out,
+                                              world=cfg.world, device=args.device)
+            result = {"steps": args.steps or 200, "seconds": history.get("seconds")}
+        elif args.target == "tokenizer":
+            from illume_ref.tokenizer import train_tokenizer
+            _, history = train_tokenizer(cfg, out, kind=args.kind or "semantic", resume=args.resume, device=args.device, **kw)
+            result = {"steps": history["steps"], "seconds": round(history["seconds"], 1), "eval": history["eval"]}
+        else:
+            from illume_ref.decoder import train_decoder
+            _, history = train_decoder(cfg, tokenizer, out, resume=args.resume, device=args.device, **kw)
+            result = {k: history.get(k) for k in ("steps", "seconds", "eval")}
     print(json.dumps({"run_dir": str(out), "target": args.target, **result}, indent=2, default=str))
     return 0
 
@@ -125,11 +231,15 @@ def cmd_bench(args) -> int:
     import importlib
     module, fn, fmt, _ = BENCHMARKS[args.name]
     mod = importlib.import_module(module)
-    kwargs = {}
+    import yaml
+    kwargs, known = {}, inspect.signature(getattr(mod, fn)).parameters
     for kv in args.arg:
         if "=" not in kv: raise ValueError(f"benchmark argument '{kv}' must look like name=value")
-        import yaml
-        k, v = kv.split("=", 1); kwargs[k] = yaml.safe_load(v)
+        k, v = kv.split("=", 1)
+        if k not in known:
+            raise ValueError(f"benchmark '{args.name}' has no argument '{k}'; it takes {', '.join(known)}")
+        try: kwargs[k] = yaml.safe_load(v)
+        except yaml.YAMLError as e: raise ValueError(f"cannot parse the value of benchmark argument '{kv}': {e}") from None
     if args.device: kwargs["device"] = str(get_device(args.device))
     rows = getattr(mod, fn)(**kwargs)
     print(getattr(mod, fmt)(rows))
@@ -140,15 +250,10 @@ def cmd_bench(args) -> int:
     return 0
 
 # %% ../nbs/90_cli.ipynb #cefff36c
-def open_image(path: str | Path):
-    "An RGB PIL image from `path`, or an error naming the file."
-    from PIL import Image, UnidentifiedImageError
-    path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"no such image file: '{path}'")
-    try:
-        with Image.open(path) as im: return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot read image '{path}': {e}") from None
+def _images(paths) -> list:
+    "The files `paths` as RGB images; transparent parts composited on the toy world's canvas colour."
+    from illume_ref.toyworld import BACKGROUND
+    return [open_image(p, background=BACKGROUND) for p in paths]
 
 
 def _system(args):
@@ -163,8 +268,8 @@ def _sampling(args) -> dict:
 
 def cmd_chat(args) -> int:
     "Answer a prompt about zero or more images."
+    images = _images(args.image)                                   # a bad file fails before the model loads
     system = _system(args)
-    images = [open_image(p) for p in args.image]
     kw = {"max_new_tokens": args.max_new_tokens}
     if args.temperature is not None: kw["temperature"] = args.temperature
     print(system.chat(images, args.prompt, seed=args.seed, **kw))
@@ -175,42 +280,53 @@ def cmd_generate(args) -> int:
     "Draw `--num-images` images for each `--prompt` into a new run folder."
     prompts = list(args.prompt)
     if args.prompt_file:
+        if not Path(args.prompt_file).is_file(): raise FileNotFoundError(f"no such prompt file: '{args.prompt_file}'")
         lines = [l.strip() for l in Path(args.prompt_file).read_text(encoding="utf-8").splitlines()]
         prompts += [l for l in lines if l]
         if not any(lines): raise ValueError(f"prompt file '{args.prompt_file}' is empty")
     if not prompts: raise ValueError("give at least one --prompt (or a --prompt-file with one prompt per line)")
     system = _system(args)
-    out = new_run_dir(args.out)
-    images = system.generate(prompts, num_images=args.num_images, seed=args.seed, **_sampling(args))
-    records = []
-    for i, (prompt, row) in enumerate(zip(prompts, images)):
-        for j, im in enumerate(row):
-            name = f"{i:04d}_{j}.png"; im.save(out / name)
-            records.append({"prompt": prompt, "file": name, "seed": args.seed})
-    save_json(records, out / "images.json")
+    with fresh_run_dir(args.out) as out:
+        images = system.generate(prompts, num_images=args.num_images, seed=args.seed, **_sampling(args))
+        records = []
+        for i, (prompt, row) in enumerate(zip(prompts, images)):
+            for j, im in enumerate(row):
+                name = f"{i:04d}_{j}.png"; im.save(out / name)
+                records.append({"prompt": prompt, "file": name, "seed": args.seed})
+        save_json(records, out / "images.json")
     print(f"wrote {len(records)} images to {out}")
     return 0
 
 
 def cmd_edit(args) -> int:
     "Apply `--instruction` to `--image`; the result goes to a new run folder."
+    source = _images([args.image])[0]
     system = _system(args)
-    source = open_image(args.image)
-    out = new_run_dir(args.out)
-    edited = system.edit([source], [args.instruction], seed=args.seed, **_sampling(args))[0]
-    source.save(out / "source.png"); edited.save(out / "edited.png")
-    save_json({"instruction": args.instruction, "source": str(args.image), "seed": args.seed}, out / "edit.json")
+    with fresh_run_dir(args.out) as out:
+        edited = system.edit([source], [args.instruction], seed=args.seed, **_sampling(args))[0]
+        source.save(out / "source.png"); edited.save(out / "edited.png")
+        save_json({"instruction": args.instruction, "source": str(args.image), "seed": args.seed}, out / "edit.json")
     print(f"wrote {out / 'edited.png'}")
     return 0
+
+
+# What `evaluate` reads from the config of a saved model's evaluation: the suite sizes and seeds (`eval`), the
+# toy world its scenes come from (`world`) and the reference encoder of the FID and editing scores (`encoder`).
+# Every other part (LLM, tokenizer, decoder ...) comes from the saved model itself.
+EVAL_SECTIONS = ("eval", "world", "encoder")
 
 
 def cmd_eval(args) -> int:
     "Score a saved model on the toy suite (or real-benchmark files) and write metrics.json and the tables."
     from illume_ref.evaluate import evaluate
+    ignored = [o for o in args.overrides if o.split("=", 1)[0].strip().split(".")[0] not in EVAL_SECTIONS]
+    if ignored:
+        raise ConfigError(f"--set {', '.join(ignored)}: eval cannot apply this to a saved model (its parts come from "
+                          f"--model); it reads only the {', '.join(s + '.*' for s in EVAL_SECTIONS)} fields")
     cfg = config_from_args(args)
     system = _system(args)
-    out = new_run_dir(args.out)
-    metrics = evaluate(system, suite=args.suite, cfg=cfg, out_dir=out, model_name=str(args.model))
+    with fresh_run_dir(args.out) as out:
+        metrics = evaluate(system, suite=args.suite, cfg=cfg, out_dir=out, model_name=str(args.model))
     print(json.dumps(metrics.get("headline", {}), indent=2, default=str))
     print(f"wrote {out / 'metrics.json'}")
     return 0
@@ -238,8 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole method end to end on the toy world (writes a new run folder)")
     add_config_args(p)
     p.add_argument("--out", default="runs/demo", help="run folder (a fresh -2, -3, ... when it holds files)")
-    p.add_argument("--scenes", type=int, default=16, help="toy-world scenes to sample and check")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scenes", type=count(1), default=16, help="toy-world scenes to sample and check")
+    p.add_argument("--seed", type=count(0), default=0)
     p.add_argument("--steps", default=None, help="comma-separated subset of demo steps (default: all)")
     p.set_defaults(func=cmd_demo)
 
@@ -248,10 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p)
     p.add_argument("--out", default=None, help="run folder (default runs/TARGET; a fresh -2, -3 ... unless --resume)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--steps", type=int, default=None, help="override the number of training steps")
-    p.add_argument("--kind", default="semantic", choices=["semantic", "reconstruction"], help="tokenizer kind")
+    p.add_argument("--steps", type=count(1), default=None,
+                   help="training steps (written into the run's config.yaml; with --resume: extend or shorten the run)")
+    p.add_argument("--kind", default=None, choices=["semantic", "reconstruction"], help="tokenizer kind (default: semantic)")
     p.add_argument("--tokenizer", default=None, help="decoder: a trained vision tokenizer folder")
-    p.add_argument("--eval-images", type=int, default=None, help="held-out images scored at the end (default: the trainer's)")
+    p.add_argument("--eval-images", type=count(0), default=None,
+                   help="held-out images scored at the end (default: the trainer's; decoder: 0 skips the scores)")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_train)
 
@@ -311,9 +429,17 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    # the library's warnings (e.g. a damaged checkpoint skipped on resume) are printed like the errors
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"illume-ref {args.command}: warning: %(message)s"))
+    handler.setLevel(logging.WARNING)
+    logging.getLogger("illume_ref").addHandler(handler)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, ValueError, FileNotFoundError, NotADirectoryError, RuntimeError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, RuntimeError,
+            FloatingPointError) as e:
         if args.debug: raise
         print(f"illume-ref {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        logging.getLogger("illume_ref").removeHandler(handler)

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from illume_ref.config import get_config
 from illume_ref.encoders import ToyViT
@@ -52,6 +53,7 @@ def test_train_bad_input(cli, tmp_path, encoder_dir):
     assert code == 2 and "'tokenizer.train.lr': must be positive" in err
     code, _, err = cli("train", "tokenizer", "--out", tmp_path / "t2", "--set", f"encoder.name_or_path={tmp_path}/nope")
     assert code == 2 and "nope" in err
+    assert not (tmp_path / "t").exists() and not (tmp_path / "t2").exists()     # failed commands leave no folder
 
 
 def test_train_decoder_then_resume(cli, tmp_path, encoder_dir):
@@ -71,4 +73,77 @@ def test_train_decoder_then_resume(cli, tmp_path, encoder_dir):
     sched = json.loads((out / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
     assert sched["prediction_type"] == "sample"                         # the toy preset's choice, via the config
     code, _, err = cli("train", "decoder", "--tokenizer", tmp_path / "nope", "--out", tmp_path / "d2", *tiny)
-    assert code == 2 and "nope" in err
+    assert code == 2 and "nope" in err and not (tmp_path / "d2").exists()
+
+
+def _weights(path):
+    from illume_ref.core import load_safetensors
+    return load_safetensors(path)
+
+
+def test_steps_are_recorded_and_an_extension_keeps_its_schedule(cli, tmp_path, encoder_dir):
+    out = tmp_path / "run"
+    args = ["train", "tokenizer", "--set", f"encoder.name_or_path={encoder_dir}", *FAST, "--eval-images", 4]
+    assert cli(*args, "--out", out, "--steps", 2)[0] == 0
+    saved = get_config(path=out / "config.yaml")
+    assert saved.tokenizer.train.steps == 2 and saved.tokenizer.train.schedule_steps is None
+    code, _, err = cli("train", "tokenizer", "--out", out, "--resume", "--steps", 3)   # the run's own config
+    assert code == 0, err
+    assert "keeps its learning-rate schedule (warm-up + cosine over 2 steps)" in err
+    saved = get_config(path=out / "config.yaml")
+    assert (saved.tokenizer.train.steps, saved.tokenizer.train.schedule_steps) == (3, 2)
+    # the extended run's config.yaml, run from scratch, gives the same weights: it describes the run exactly
+    code, _, err = cli("train", "tokenizer", "--config", out / "config.yaml", "--out", tmp_path / "again", "--eval-images", 4)
+    assert code == 0, err
+    a, b = _weights(out / "model.safetensors"), _weights(tmp_path / "again" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_changed_config_by_name(cli, tmp_path, encoder_dir):
+    out = tmp_path / "run"
+    args = ["train", "tokenizer", "--out", out, "--set", f"encoder.name_or_path={encoder_dir}", *FAST, "--eval-images", 2]
+    assert cli(*args, "--steps", 2)[0] == 0
+    before = (out / "config.yaml").read_text()
+    code, _, err = cli(*args, "--resume", "--steps", 3, "--set", "tokenizer.cosine_weight=0.5",
+                       "--set", "world.grid_size=4")
+    assert code == 2
+    assert "tokenizer.cosine_weight: 1.0 in the run, 0.5 now" in err and "world.grid_size: 3 in the run, 4 now" in err
+    assert (out / "config.yaml").read_text() == before                  # nothing changed on disk
+    code, _, err = cli(*args, "--resume", "--preset", "small")
+    assert code == 2 and "preset: 'toy' in the run, 'small' now" in err and "more" in err
+    assert json.loads((out / "history.json").read_text())["steps"] == 2
+
+
+def test_resume_falls_back_to_the_last_intact_checkpoint(cli, tmp_path, encoder_dir):
+    out = tmp_path / "run"
+    args = ["train", "tokenizer", "--out", out, "--set", f"encoder.name_or_path={encoder_dir}", *FAST, "--eval-images", 2]
+    assert cli(*args, "--steps", 4)[0] == 0                               # checkpoints at steps 2 and 4
+    weights = out / "checkpoints" / "step-000004" / "tokenizer.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    code, stdout, err = cli(*args, "--resume", "--steps", 5)
+    assert code == 0, err
+    assert "warning: " in err and "resuming from" in err and "step-000002" in err and "step-000004" in err
+    assert json.loads(stdout[stdout.index("{"):])["steps"] == 5
+    assert [h["step"] for h in json.loads((out / "history.json").read_text())["train"]] == [1, 2, 3, 4, 5]
+
+
+def test_bad_arguments_fail_before_training_and_leave_no_folder(cli, tmp_path, encoder_dir):
+    enc = ["--set", f"encoder.name_or_path={encoder_dir}", *FAST]
+    for argv, message in [
+        (["train", "tokenizer", *enc, "--eval-images", 0], "--eval-images must be at least 1 for the tokenizer"),
+        (["train", "encoder", "--eval-images", 3], "--eval-images applies to the tokenizer and decoder targets"),
+        (["train", "decoder", "--kind", "reconstruction"], "--kind applies to the tokenizer target"),
+        (["train", "tokenizer", "--tokenizer", tmp_path], "--tokenizer applies to the decoder target"),
+        (["train", "tokenizer", "--device", "tpu"], "unknown device 'tpu'"),
+        (["train", "tokenizer", "--config", tmp_path / "nope.yaml"], "no such config file"),
+    ]:
+        code, _, err = cli(*argv, "--out", tmp_path / "r", "--steps", 1)
+        assert code == 2 and message in err, (argv, err)
+        assert not (tmp_path / "r").exists(), argv
+    # a failure inside training (the encoder folder is missing) removes the new folder; the next run takes its name
+    code, _, err = cli("train", "tokenizer", "--out", tmp_path / "r", "--set", f"encoder.name_or_path={tmp_path}/nope",
+                       "--steps", 1, *FAST)
+    assert code == 2 and not (tmp_path / "r").exists()
+    code, stdout, err = cli("train", "tokenizer", "--out", tmp_path / "r", *enc, "--steps", 1, "--eval-images", 2)
+    assert code == 0, err
+    assert json.loads(stdout[stdout.index("{"):])["run_dir"] == str(tmp_path / "r")
