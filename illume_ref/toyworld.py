@@ -26,14 +26,15 @@ __all__ = ['SHAPES', 'PALETTE', 'COLORS', 'BACKGROUND', 'WORLD_DEFAULTS', 'UNIT_
            'TEMPLATE_BLURS', 'SHAPE_SYNONYMS', 'COLOR_SYNONYMS', 'NUMBER_WORDS', 'RELATIONS', 'CAPTION_CATEGORIES',
            'VQA_TYPES', 'POPE_VARIANTS', 'ALL_OBJECTS', 'EDIT_TYPES', 'TASKS', 'SPLITS', 'SPLIT_FRACTIONS',
            'DEFAULT_SIZES', 'METADATA_FILE', 'check_shape', 'check_color', 'ToyObject', 'Scene', 'as_rng',
-           'world_params', 'sample_object', 'sample_scene', 'object_box', 'draw_shape', 'render', 'to_rgb_array',
-           'Detection', 'shape_templates', 'classify_silhouette', 'detect', 'detect_scene', 'draw_detections',
-           'perturb', 'oracle_accuracy', 'oracle_robustness', 'plot_robustness', 'plural', 'article', 'shape_word',
-           'color_word', 'cell_name', 'location_phrase', 'relation_holds', 'refer', 'mention', 'caption_categories',
-           'make_caption', 'sample_caption', 'ObjectSpec', 'CaptionSpec', 'parse_caption', 'check_spec_details',
-           'check_spec', 'vqa_question', 'format_choices', 'mc_question', 'object_frequencies', 'pope_negative',
-           'pope_question', 'edit_types', 'make_edit', 'scene_split', 'split_seed', 'task_examples', 'build_dataset',
-           'build_dataset_dict', 'json_type', 'check_type', 'read_text', 'read_jsonl', 'write_folder', 'read_folder']
+           'world_params', 'sample_object', 'sample_scene', 'object_box', 'draw_shape', 'render', 'render_batch',
+           'to_rgb_array', 'Detection', 'shape_templates', 'classify_silhouette', 'detect', 'detect_scene',
+           'draw_detections', 'perturb', 'oracle_accuracy', 'oracle_robustness', 'plot_robustness', 'plural', 'article',
+           'shape_word', 'color_word', 'cell_name', 'location_phrase', 'relation_holds', 'refer', 'mention',
+           'caption_categories', 'make_caption', 'sample_caption', 'ObjectSpec', 'CaptionSpec', 'parse_caption',
+           'check_spec_details', 'check_spec', 'vqa_question', 'format_choices', 'mc_question', 'object_frequencies',
+           'pope_negative', 'pope_question', 'edit_types', 'make_edit', 'scene_split', 'split_seed', 'task_examples',
+           'build_dataset', 'build_dataset_dict', 'json_type', 'check_type', 'read_text', 'read_jsonl', 'write_folder',
+           'read_folder']
 
 # %% ../nbs/01_toyworld.ipynb #e2493642
 SHAPES = ('circle', 'square', 'triangle', 'diamond', 'star', 'cross')
@@ -210,6 +211,15 @@ def render(scene: Scene, size: int = 64, antialias: bool = False, background=BAC
     for o in scene.objects:
         draw_shape(draw, o.shape, object_box(o.row, o.col, scene.grid_size, size * k), PALETTE[o.color])
     return img.resize((size, size), Image.BOX) if k > 1 else img
+
+# %% ../nbs/01_toyworld.ipynb #948fe203
+def render_batch(scenes: Sequence[Scene], size: int = 64, antialias: bool = False):
+    """Scenes -> a float tensor `(B, 3, size, size)` in [0, 1] (torch is imported here: the rest of the toy world
+    needs only numpy and PIL)."""
+    import torch
+    if not len(scenes): raise ValueError("render_batch needs at least one scene")
+    arrays = np.stack([np.asarray(render(s, size=size, antialias=antialias)) for s in scenes])
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2).float().div_(255)
 
 # %% ../nbs/01_toyworld.ipynb #37a46cd5
 def to_rgb_array(image, background=BACKGROUND) -> np.ndarray:
