@@ -25,7 +25,8 @@ import torch
 __all__ = ['DEVICE_ORDER', 'DEVICE_PROBES', 'MIN_IMAGE_SIDE', 'in_test', 'work_size', 'available_devices', 'select_device',
            'get_device', 'seed_everything', 'default_dtype', 'resolve_dtype', 'autocast', 'new_run_dir', 'atomic_write',
            'atomic_dir', 'save_json', 'load_json', 'save_safetensors', 'load_safetensors', 'cache_dir', 'cache_key',
-           'cached_run_dir', 'cached_run', 'to_rgb8', 'open_image', 'pad_to_square', 'image_grid', 'show_images']
+           'fingerprint', 'cached_run_dir', 'cached_run', 'to_rgb8', 'open_image', 'pad_to_square', 'image_grid',
+           'show_images']
 
 # %% ../nbs/00_core.ipynb #a3f9aeca
 def in_test() -> bool:
@@ -273,6 +274,14 @@ def cache_dir() -> Path:
 def cache_key(key: Any) -> str:
     "A short, stable hash of a JSON-able description of a run (dict keys sorted)."
     return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def fingerprint(module: torch.nn.Module) -> str:
+    "A short hash of a module's weights and buffers: names cache entries by the exact model that made them."
+    h = hashlib.sha1()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode()); h.update(str(v.dtype).encode()); h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:10]
 
 
 def cached_run_dir(name: str, key: Any, cache: str | Path | None = None) -> Path:
