@@ -280,7 +280,7 @@ def fingerprint(module: torch.nn.Module) -> str:
     "A short hash of a module's weights and buffers: names cache entries by the exact model that made them."
     h = hashlib.sha1()
     for k, v in sorted(module.state_dict().items()):
-        h.update(k.encode()); h.update(str(v.dtype).encode()); h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(k.encode()); h.update(str(v.dtype).encode()); h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:10]
 
 
