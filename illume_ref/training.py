@@ -164,7 +164,7 @@ def check_resume_config(saved: dict, now: TrainConfig, step: int, where: str | P
         before, after = saved.get("schedule_steps") or saved["steps"], now.schedule_steps or now.steps
         if before != after:
             diffs.append(f"LR schedule: saved over {before} steps, now over {after} (warm-up + cosine spans the whole "
-                         f"run; to extend it keep schedule_steps={before}: the steps past it train at its final LR)")
+                         f"run; keep schedule_steps={before}, or leave it None to keep the run's own)")
     if diffs:
         raise ValueError(f"cannot resume from '{where}' with a different training config ({'; '.join(diffs)}): "
                          "use the saved values, or start a new run in another folder")
@@ -179,18 +179,24 @@ class Trainer:
     - `optimizer`: built by the caller over the parameters it wants trained.
     - `resume=True` continues from the latest checkpoint in `out_dir` (if any); `resume=False`
       refuses an `out_dir` that already has checkpoints, so nothing written is lost. The checkpoint's
-      `TrainConfig` must match `train` on `RESUME_FIELDS`; `steps` may grow, the LR schedule may not
-      (`train.schedule_steps`, default `steps`). A damaged latest checkpoint is skipped, with a logged
-      warning naming it and the checkpoint resumed from.
+      `TrainConfig` must match `train` on `RESUME_FIELDS`; `steps` may change, the LR schedule may not: with
+      `train.schedule_steps=None` the run keeps the schedule it started with (a logged warning says so when
+      `steps` changed), another explicit value is refused. A damaged latest checkpoint is skipped, with a
+      logged warning naming it and the checkpoint resumed from.
     - fp16 (`train.dtype`, resolved for `device`) trains with a `torch.amp.GradScaler`, checkpointed with the rest.
     """
     def __init__(self, models: dict[str, nn.Module], optimizer: torch.optim.Optimizer, train: TrainConfig,
                  out_dir: str | Path, *, emas: dict[str, EMA] | None = None, scheduler: str | None = "cosine",
                  resume: bool = False, device: str | torch.device = "cpu", desc: str = "train",
                  progress: bool = True, keep_last: int = 2):
-        self.models, self.optimizer, self.train, self.emas = models, optimizer, train, emas or {}
         if keep_last < 1: raise ValueError(f"keep_last must be >= 1 (checkpoints to keep), got {keep_last}")
         self.out_dir, self.device, self.desc, self.progress, self.keep_last = Path(out_dir), torch.device(device), desc, progress, keep_last
+        existing = list_checkpoints(self.out_dir)
+        if existing and not resume:
+            raise FileExistsError(f"'{self.out_dir}' already holds checkpoints (latest {existing[-1].name}): "
+                                  "pass resume=True (--resume) to continue, or choose another output folder")
+        if existing and scheduler == "cosine" and train.schedule_steps is None: train = self._kept_schedule(existing, train)
+        self.models, self.optimizer, self.train, self.emas = models, optimizer, train, emas or {}
         self.schedule_steps = train.schedule_steps or train.steps      # what warm-up + cosine spans
         self.scheduler = (warmup_cosine(optimizer, train.warmup_steps, self.schedule_steps) if scheduler == "cosine"
                           else torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0) if scheduler in (None, "constant")
@@ -199,11 +205,21 @@ class Trainer:
         self.dtype = resolve_dtype(train.dtype, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
         self.step, self.history = 0, []
-        existing = list_checkpoints(self.out_dir)
-        if existing and not resume:
-            raise FileExistsError(f"'{self.out_dir}' already holds checkpoints (latest {existing[-1].name}): "
-                                  "pass resume=True (--resume) to continue, or choose another output folder")
         if existing: self._resume(existing, schedule=scheduler == "cosine")
+
+    def _kept_schedule(self, checkpoints: list[Path], train: TrainConfig) -> TrainConfig:
+        "`train` with the LR schedule of the run it resumes (the newest readable checkpoint's `schedule_steps` or `steps`)."
+        for ck in reversed(checkpoints):
+            try: saved = load_json(ck / "trainer_state.json")["train"]
+            except Exception: continue                               # damaged: `_resume` names it
+            span = saved.get("schedule_steps") or saved.get("steps")
+            if not span or span == train.steps: return train
+            if saved.get("steps") != train.steps:
+                log.warning(f"{self.desc}: the run goes from {saved.get('steps')} to {train.steps} steps and keeps its LR "
+                            f"schedule (warm-up + cosine over {span} steps): the steps past {span} train at its final "
+                            f"LR; a {train.steps}-step run from scratch decays over all of them (start a new run for that)")
+            return train.replace(schedule_steps=span)
+        return train
 
     def _resume(self, checkpoints: list[Path], schedule: bool):
         "Load the newest readable checkpoint; damaged newer ones are skipped and named in a logged warning."

@@ -70,18 +70,23 @@ def test_resume_refuses_a_changed_config_but_lets_steps_grow(tmp_path):
         assert part in str(e.value)
     with pytest.raises(ValueError, match="steps: now 5, below the step 6 already reached"):
         build(tmp_path / "r", resume=True, steps=5)
-    # the cosine schedule spans the whole run: extending it must keep the schedule it started with
+    # the cosine schedule spans the whole run: an extension keeps the one it started with, another is refused
     with pytest.raises(ValueError, match=r"LR schedule: saved over 6 steps, now over 8 .*keep schedule_steps=6"):
-        build(tmp_path / "r", resume=True, steps=8)
-    tr, _, fn = build(tmp_path / "r", resume=True, steps=8, schedule_steps=6)   # extending a run is fine
-    assert tr.step == 6 and tr.fit(fn)[-1]["step"] == 8
+        build(tmp_path / "r", resume=True, steps=8, schedule_steps=8)
+    tr, _, fn = build(tmp_path / "r", resume=True, steps=8)               # extending a run is fine
+    assert tr.step == 6 and tr.train.schedule_steps == 6 and tr.fit(fn)[-1]["step"] == 8
+    assert load_checkpoint(list_checkpoints(tmp_path / "r")[-1], {"model": build(tmp_path / "x")[1]})["train"][
+        "schedule_steps"] == 6                                             # recorded, so the next resume keeps it too
 
 
-def test_an_extended_run_equals_a_straight_run_of_its_config(tmp_path):
+def test_an_extended_run_equals_a_straight_run_of_its_config(tmp_path, caplog):
     "6 steps, then --resume to 8 with the 6-step schedule kept == one run of steps=8, schedule_steps=6 (bit for bit)."
     straight, a, fn = build(tmp_path / "a", steps=8, schedule_steps=6); straight.fit(fn)
     tr, _, fn = build(tmp_path / "b", steps=6); tr.fit(fn)
-    tr, b, fn = build(tmp_path / "b", resume=True, steps=8, schedule_steps=6); tr.fit(fn)
+    with caplog.at_level("WARNING", logger="illume_ref.training"):
+        tr, b, fn = build(tmp_path / "b", resume=True, steps=8)
+    assert "goes from 6 to 8 steps and keeps its LR schedule (warm-up + cosine over 6 steps)" in caplog.text
+    tr.fit(fn)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     assert tr.history == straight.history
     lrs = [h["lr"] for h in tr.history]
