@@ -12,9 +12,9 @@ from typing import Optional
 from .configbase import ConfigBase, ConfigError, _closest, merge_config_dicts
 
 # %% auto #0
-__all__ = ['PREDICTION_TYPES', 'PRESETS', 'TrainConfig', 'ToyWorldConfig', 'EncoderConfig', 'QuantizerConfig', 'TokenizerConfig',
-           'DecoderConfig', 'LLMConfig', 'StageConfig', 'SelfEnhanceConfig', 'EvalConfig', 'IllumeRefConfig',
-           'preset_config', 'get_config']
+__all__ = ['PREDICTION_TYPES', 'STAGE_GROUPS', 'STAGE_TASKS', 'RESERVED_TASKS', 'PRESETS', 'TrainConfig', 'ToyWorldConfig',
+           'EncoderConfig', 'QuantizerConfig', 'TokenizerConfig', 'DecoderConfig', 'LLMConfig', 'StageConfig',
+           'SelfEnhanceConfig', 'EvalConfig', 'IllumeRefConfig', 'preset_config', 'get_config']
 
 # %% ../nbs/00a_config.ipynb #53c9239b
 @dataclass
@@ -252,37 +252,53 @@ class LLMConfig(ConfigBase):
                       f"expected 'mean' or 'normal', got '{self.new_row_init}'")
 
 
+STAGE_GROUPS = ("adapter", "visual_embed", "llm", "vision_encoder")   # Table 5's trainable parts
+STAGE_TASKS = {   # Fig. 4: the data each stage reads (notebook 10 builds each task's examples)
+    "stage1": ("caption", "reconstruct"),
+    "stage2": ("text", "caption", "reconstruct", "generate", "vqa", "edit"),
+    "stage3": ("caption", "vqa", "mmbench", "pope", "generate", "edit", "assessment"),
+}
+RESERVED_TASKS = {"assessment": "the self-assessment dialogues of §4, which the self-enhancement step builds"}
+
+
 @dataclass
 class StageConfig(ConfigBase):
-    """One of the three training stages (§3.2, Fig. 4, Table 5). `lrs` maps a parameter group
-    (`adapter`, `visual_embed`, `llm`, `vision_encoder`) to its learning rate; groups not listed
-    are frozen."""
+    """One of the three training stages (§3.2, Fig. 4, Table 5). `lrs` maps a parameter group (`adapter`,
+    `visual_embed`: the visual rows of the embedding and LM head, `llm`: the whole LLM, `vision_encoder`) to its
+    learning rate; groups not listed are frozen. `train` holds the rest of the optimisation (steps, batch, warm-up,
+    decay, clipping, accumulation, seed, dtype); its `lr` is not used, since `lrs` gives each group its own.
+    `data` maps tasks (`STAGE_TASKS[name]`) to mixture weights."""
     name: str = "stage1"
     lrs: dict[str, float] = field(default_factory=dict)
-    batch_size: int = 32
-    steps: int = 1000
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
+    train: TrainConfig = field(default_factory=TrainConfig)
     image_size: int = 64
     anyres: bool = False          # stage 3: global view + up to `max_slices` slices of `base_resolution`
     max_slices: int = 9
     base_resolution: int = 448
     data: dict[str, float] = field(default_factory=dict)   # task -> mixture weight
-    save_every: int = 500
-    seed: int = 0
+    caption_dropout: float = 0.0  # share of generation examples trained as classifier-free guidance's empty row
+    gradient_checkpointing: bool = False
 
-    GROUPS = ("adapter", "visual_embed", "llm", "vision_encoder")
+    GROUPS = STAGE_GROUPS
 
     def validate(self):
+        self._require(self.name in STAGE_TASKS, "name", f"expected one of {', '.join(STAGE_TASKS)}, got '{self.name}'")
         for g in self.lrs:
             self._require(g in self.GROUPS, "lrs",
                           f"unknown parameter group '{g}'.{_closest(g, self.GROUPS)} Valid: {', '.join(self.GROUPS)}")
             self._require(self.lrs[g] > 0, "lrs", f"learning rate of '{g}' must be positive")
         self._require(bool(self.lrs), "lrs", "a stage must train at least one parameter group")
-        self._positive("batch_size", "steps", "image_size", "base_resolution", "save_every")
-        self._non_negative("weight_decay", "seed"); self._fraction("warmup_ratio")
+        self._require(not {"visual_embed", "llm"} <= set(self.lrs), "lrs",
+                      "'llm' trains every row of the embedding and LM head; 'visual_embed' only their visual rows: give one")
+        self._positive("image_size", "base_resolution"); self._fraction("caption_dropout")
         self._require(1 <= self.max_slices <= 16, "max_slices", f"expected 1..16, got {self.max_slices}")
-        self._require(all(w >= 0 for w in self.data.values()), "data", f"mixture weights must be >= 0, got {self.data}")
+        allowed = STAGE_TASKS[self.name]
+        for task, w in self.data.items():
+            self._require(task in allowed, "data", f"{self.name} does not read the task '{task}'.{_closest(task, allowed)} "
+                          f"Fig. 4: {', '.join(allowed)}")
+            self._require(w >= 0, "data", f"mixture weights must be >= 0, got {task}: {w}")
+            self._require(task not in RESERVED_TASKS or w == 0, "data",
+                          f"'{task}' ({RESERVED_TASKS.get(task)}) is not built yet: give it weight 0 or leave it out")
         self._require(not self.data or sum(self.data.values()) > 0, "data", "mixture weights are all 0")
 
 
@@ -386,6 +402,12 @@ class IllumeRefConfig(ConfigBase):
                       f"{self.llm.max_position_embeddings} positions cannot hold one image ({per_image} tokens)")
 
 # %% ../nbs/00a_config.ipynb #1c798207
+def _stage_train(batch_size: int, steps: int, warmup_steps: int, dtype: str = "auto") -> TrainConfig:
+    "A stage's optimisation: Table 5's batch and steps, a 3% linear warm-up, no weight decay, clipping at 1."
+    return TrainConfig(batch_size=batch_size, steps=steps, warmup_steps=warmup_steps, weight_decay=0.0, grad_clip=1.0,
+                       log_every=10 if steps < 5000 else 50, save_every=200 if steps < 5000 else 500, dtype=dtype)
+
+
 def _toy() -> IllumeRefConfig:
     return IllumeRefConfig(
         preset="toy",
@@ -402,12 +424,13 @@ def _toy() -> IllumeRefConfig:
         llm=LLMConfig(kind="scratch", text_vocab_size=1024, hidden_size=256, intermediate_size=688, num_layers=4,
                       num_heads=4, num_kv_heads=4, max_position_embeddings=512, adapter_hidden=256),
         # toy stages keep the paper's ratios between groups, with CPU-sized batches and steps
-        stage1=StageConfig(name="stage1", lrs={"adapter": 1e-3, "visual_embed": 2e-3}, batch_size=32, steps=400,
-                           image_size=64, data={"caption": 1.0, "reconstruct": 1.0}),
-        stage2=StageConfig(name="stage2", lrs={"adapter": 5e-4, "llm": 5e-4}, batch_size=32, steps=1500,
-                           image_size=64, data={"caption": 1.0, "generate": 1.0, "vqa": 1.0, "edit": 0.5}),
-        stage3=StageConfig(name="stage3", lrs={"vision_encoder": 2e-5, "adapter": 2e-4, "llm": 2e-4}, batch_size=32,
-                           steps=600, image_size=64,
+        stage1=StageConfig(name="stage1", lrs={"adapter": 1e-3, "visual_embed": 2e-3},
+                           train=_stage_train(32, 400, 12), image_size=64, data={"caption": 1.0, "reconstruct": 1.0}),
+        stage2=StageConfig(name="stage2", lrs={"adapter": 5e-4, "llm": 5e-4}, train=_stage_train(32, 1500, 45),
+                           image_size=64, caption_dropout=0.1,
+                           data={"text": 0.2, "caption": 1.0, "reconstruct": 0.3, "generate": 1.0, "vqa": 1.0, "edit": 0.5}),
+        stage3=StageConfig(name="stage3", lrs={"vision_encoder": 2e-5, "adapter": 2e-4, "llm": 2e-4},
+                           train=_stage_train(32, 600, 18), image_size=64, caption_dropout=0.1,
                            data={"vqa": 1.0, "mmbench": 0.5, "pope": 0.5, "generate": 1.0, "edit": 0.5}),
         self_enhance=SelfEnhanceConfig(num_captions=2000),
         eval=EvalConfig(),
@@ -431,12 +454,14 @@ def _small() -> IllumeRefConfig:
         llm=LLMConfig(kind="hf", name_or_path="Qwen/Qwen2.5-0.5B", tokenizer_path="Qwen/Qwen2.5-0.5B",
                       hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14, num_kv_heads=2,
                       max_position_embeddings=4096, adapter_hidden=896, text_vocab_size=151936),
-        stage1=StageConfig(name="stage1", lrs={"adapter": 1e-3, "visual_embed": 2e-4}, batch_size=64, steps=5000,
+        stage1=StageConfig(name="stage1", lrs={"adapter": 1e-3, "visual_embed": 2e-4}, train=_stage_train(64, 5000, 150, "bf16"),
                            image_size=256, data={"caption": 1.0, "reconstruct": 1.0}),
-        stage2=StageConfig(name="stage2", lrs={"adapter": 5e-5, "llm": 5e-5}, batch_size=128, steps=15000,
-                           image_size=256, data={"caption": 1.0, "generate": 1.0, "vqa": 1.0, "edit": 0.5}),
-        stage3=StageConfig(name="stage3", lrs={"vision_encoder": 2e-6, "adapter": 2e-5, "llm": 2e-5}, batch_size=128,
-                           steps=8000, image_size=256, anyres=True, max_slices=4, base_resolution=256,
+        stage2=StageConfig(name="stage2", lrs={"adapter": 5e-5, "llm": 5e-5}, train=_stage_train(128, 15000, 450, "bf16"),
+                           image_size=256, caption_dropout=0.1,
+                           data={"text": 0.2, "caption": 1.0, "reconstruct": 0.3, "generate": 1.0, "vqa": 1.0, "edit": 0.5}),
+        stage3=StageConfig(name="stage3", lrs={"vision_encoder": 2e-6, "adapter": 2e-5, "llm": 2e-5},
+                           train=_stage_train(128, 8000, 240, "bf16"), image_size=256, anyres=True, max_slices=4,
+                           base_resolution=256, caption_dropout=0.1,
                            data={"vqa": 1.0, "mmbench": 0.5, "pope": 0.5, "generate": 1.0, "edit": 0.5}),
         self_enhance=SelfEnhanceConfig(num_captions=20000),
         eval=EvalConfig(),
@@ -462,14 +487,16 @@ def _full() -> IllumeRefConfig:
         llm=LLMConfig(kind="hf", name_or_path="lmsys/vicuna-7b-v1.5", tokenizer_path="lmsys/vicuna-7b-v1.5",
                       text_vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
                       num_kv_heads=32, max_position_embeddings=4096, adapter_hidden=4096),
-        stage1=StageConfig(name="stage1", lrs={"adapter": 1e-3, "visual_embed": 2e-4}, batch_size=256, steps=5000,
-                           image_size=224, data={"caption": 1.0, "reconstruct": 1.0}),
-        stage2=StageConfig(name="stage2", lrs={"adapter": 5e-5, "llm": 5e-5}, batch_size=1024, steps=15000,
-                           image_size=224, data={"caption": 1.0, "generate": 1.0, "vqa": 1.0, "edit": 0.5}),
-        stage3=StageConfig(name="stage3", lrs={"vision_encoder": 2e-6, "adapter": 2e-5, "llm": 2e-5}, batch_size=1024,
-                           steps=8000, image_size=448, anyres=True, max_slices=9, base_resolution=448,
-                           data={"vqa": 1.0, "mmbench": 0.5, "pope": 0.5, "generate": 1.0, "edit": 0.5,
-                                 "assessment": 0.1}),
+        # Table 5: batch 256 / 1024 / 1024 for 5,000 / 15,000 / 8,000 steps
+        stage1=StageConfig(name="stage1", lrs={"adapter": 1e-3, "visual_embed": 2e-4}, train=_stage_train(256, 5000, 150, "bf16"),
+                           image_size=224, data={"caption": 1.0, "reconstruct": 1.0}, gradient_checkpointing=True),
+        stage2=StageConfig(name="stage2", lrs={"adapter": 5e-5, "llm": 5e-5}, train=_stage_train(1024, 15000, 450, "bf16"),
+                           image_size=224, caption_dropout=0.1, gradient_checkpointing=True,
+                           data={"text": 0.2, "caption": 1.0, "reconstruct": 0.3, "generate": 1.0, "vqa": 1.0, "edit": 0.5}),
+        stage3=StageConfig(name="stage3", lrs={"vision_encoder": 2e-6, "adapter": 2e-5, "llm": 2e-5},
+                           train=_stage_train(1024, 8000, 240, "bf16"), image_size=448, anyres=True, max_slices=9,
+                           base_resolution=448, caption_dropout=0.1, gradient_checkpointing=True,
+                           data={"vqa": 1.0, "mmbench": 0.5, "pope": 0.5, "generate": 1.0, "edit": 0.5}),
         self_enhance=SelfEnhanceConfig(num_captions=50000, judge="file"),
         eval=EvalConfig(pope_per_split=3000, geneval_images_per_prompt=4, fid_samples=30000),
     )

@@ -1,5 +1,7 @@
 import json
 
+import yaml
+
 import pytest
 
 
@@ -11,8 +13,10 @@ def test_help_lists_subcommands(cli):
 
 
 def test_config_prints_saves_and_reloads(cli, tmp_path):
-    code, out, _ = cli("config", "--preset", "full", "--set", "stage1.steps=10")
-    assert code == 0 and "steps: 10" in out and "num_codes: 16384" in out
+    code, out, _ = cli("config", "--preset", "full", "--set", "stage1.train.steps=10")
+    assert code == 0 and "num_codes: 16384" in out
+    assert yaml.safe_load(out)["stage1"]["train"]["steps"] == 10           # not a substring of 'steps: 100000'
+    assert yaml.safe_load(out)["stage2"]["train"]["steps"] == 15000
     path = tmp_path / "c.json"
     assert cli("config", "--set", "quantizer.num_codes=64", "--save", path)[0] == 0
     assert json.loads(path.read_text())["quantizer"]["num_codes"] == 64

@@ -1,7 +1,7 @@
 import re
 import pytest
 
-from illume_ref.config import (PRESETS, ConfigError, EncoderConfig, IllumeRefConfig, StageConfig, get_config)
+from illume_ref.config import (PRESETS, STAGE_TASKS, ConfigError, EncoderConfig, IllumeRefConfig, StageConfig, get_config)
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
@@ -20,11 +20,11 @@ def test_full_preset_has_the_papers_values():
     assert (c.quantizer.num_codes, c.tokenizer.tokens_per_image, c.num_visual_tokens) == (16384, 256, 16384)
     assert (c.encoder.image_size, c.stage1.image_size, c.stage2.image_size) == (224, 224, 224)
     assert c.stage1.lrs == {"adapter": 1e-3, "visual_embed": 2e-4}
-    assert (c.stage1.batch_size, c.stage1.steps) == (256, 5000)
+    assert (c.stage1.train.batch_size, c.stage1.train.steps) == (256, 5000)
     assert c.stage2.lrs == {"adapter": 5e-5, "llm": 5e-5}
-    assert (c.stage2.batch_size, c.stage2.steps) == (1024, 15000)
+    assert (c.stage2.train.batch_size, c.stage2.train.steps) == (1024, 15000)
     assert c.stage3.lrs == {"vision_encoder": 2e-6, "adapter": 2e-5, "llm": 2e-5}
-    assert (c.stage3.batch_size, c.stage3.steps) == (1024, 8000)
+    assert (c.stage3.train.batch_size, c.stage3.train.steps) == (1024, 8000)
     assert (c.stage3.anyres, c.stage3.max_slices, c.stage3.base_resolution) == (True, 9, 448)
     assert c.decoder.image_size == 512 and c.self_enhance.num_captions == 50000
 
@@ -126,8 +126,8 @@ def test_every_size_count_and_rate_refuses_a_negative_value_by_name():
     ("decoder.condition_dropout=1", "'decoder.condition_dropout': must be in [0, 1), got 1.0"),
     ("llm.num_kv_heads=0", "'llm.num_kv_heads': must be positive, got 0"),
     ("llm.hidden_size=260", "head size 65 (hidden_size / num_heads) must be even"),
-    ("stage2.warmup_ratio=1.5", "'stage2.warmup_ratio': must be in [0, 1), got 1.5"),
-    ("stage1.steps=0", "'stage1.steps': must be positive, got 0"),
+    ("stage2.caption_dropout=1.5", "'stage2.caption_dropout': must be in [0, 1), got 1.5"),
+    ("stage1.train.steps=0", "'stage1.train.steps': must be positive, got 0"),
     ("stage1.data={caption: 0}", "'stage1.data': mixture weights are all 0"),
     ("self_enhance.good_threshold=0", "'self_enhance.good_threshold': must be in (0, 1], got 0.0"),
     ("self_enhance.aspects=[]", "needs at least one aspect"),
@@ -206,3 +206,18 @@ def test_save_is_atomic_and_keeps_normal_permissions(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         get_config("full").save(path)
     assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
+
+
+def test_stage_mixtures_name_only_tasks_their_stage_reads():
+    toy = get_config("toy")
+    with pytest.raises(ConfigError, match="stage1 does not read the task 'vqa'"):
+        get_config("toy", ["stage1.data={vqa: 1.0}"])
+    with pytest.raises(ConfigError, match="'assessment'.*not built yet"):
+        get_config("toy", ["stage3.data={vqa: 1.0, assessment: 0.1}"])
+    with pytest.raises(ConfigError, match="give one"):
+        get_config("toy", ["stage1.lrs={visual_embed: 1e-3, llm: 1e-3}"])
+    assert toy.stage2.caption_dropout == 0.1 and toy.stage1.caption_dropout == 0.0
+    for preset in ("toy", "small", "full"):
+        c = get_config(preset)
+        for s in (c.stage1, c.stage2, c.stage3):
+            assert set(s.data) <= set(STAGE_TASKS[s.name]) and s.train.warmup_steps == round(0.03 * s.train.steps)
