@@ -15,12 +15,13 @@ import numpy as np
 import torch
 
 from .core import atomic_dir, load_json, save_json
-from .model import TEMPLATES, cache_kwargs, output_cache, positions
-from .vocab import TASK_PROMPTS, VisualVocab
+from .conversation import TASK_PROMPTS, TEMPLATES, pad_sequences, pad_token_id, tokenize_conversation
+from .model import cache_kwargs, load_illume, output_cache, positions, save_illume
+from .vocab import VisualVocab
 
 # %% auto #0
 __all__ = ['SETTINGS', 'MISSING_CODE_COLOR', 'PARTS', 'GENERATION_KEYS', 'row_generators', 'filter_logits', 'sample_tokens',
-           'check_settings', 'image_seed', 'image_seeds', 'left_pad', 'decode_loop', 'sample_image_codes', 'prompt_ids',
+           'check_settings', 'image_seed', 'image_seeds', 'decode_loop', 'sample_image_codes', 'prompt_ids',
            'image_prompts', 'generate_image_codes', 'edit_image_codes', 'code_mosaic', 'pixel_decoder', 'run_decode',
            'generate_images', 'edit', 'chat_batch', 'decode_text', 'chat', 'IllumeSystem', 'ImageSpanLogitsProcessor',
            'bench_generate', 'format_bench_generate', 'image_span_fits']
@@ -98,18 +99,6 @@ def image_seeds(seed: int | None, prompts: int, num_images: int, first_prompt: i
     return [image_seed(seed, first_prompt + i, j) for i in range(prompts) for j in range(num_images)]
 
 # %% ../nbs/08_inference.ipynb #b01242f8
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    "Token-id lists -> `(ids, attention_mask)`, both `(B, L)`, padded on the left."
-    L = max(len(r) for r in rows)
-    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), L, dtype=torch.long)
-    for i, r in enumerate(rows):
-        if len(r):
-            ids[i, L - len(r):] = torch.as_tensor(list(r), dtype=torch.long)
-            mask[i, L - len(r):] = 1
-    return ids, mask
-
-
 @torch.no_grad()
 def decode_loop(language_model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, steps: int,
                 step: Callable[[int, torch.Tensor], torch.Tensor], use_cache: bool = True) -> None:
@@ -188,14 +177,9 @@ def _images(images) -> list:
 
 def prompt_ids(model, tokenizer, turns: list[dict], template: str = 'vicuna_v1') -> tuple[list[int], torch.Tensor | None]:
     "A dialogue ending in a user turn -> (ids up to and including `ASSISTANT:`, its understanding views or None)."
-    from illume_ref.model import tokenize_conversation
     enc = tokenize_conversation(turns, tokenizer, model.visual_vocab, template, tokens_per_view=model.image_tokens,
                                 image_size=model.vision_encoder.image_size, add_generation_prompt=True)
     return enc['input_ids'], enc['views']
-
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def _check_fits(model, length: int, extra: int, what: str):
@@ -206,7 +190,7 @@ def _check_fits(model, length: int, extra: int, what: str):
 
 def _embed_rows(model, tokenizer, rows: list[list[int]], views: list[torch.Tensor | None]):
     "Left-pad id rows, splice their views in (batch-major, as `embed_inputs` expects) -> (embeds, mask)."
-    ids, mask = left_pad(rows, _pad_id(tokenizer))
+    ids, mask = pad_sequences(rows, pad_token_id(tokenizer), 'left')
     v = [x for x in views if x is not None]
     dev = model.get_input_embeddings().weight.device
     images = torch.cat(v).to(dev, torch.float32) if v else None
@@ -553,7 +537,6 @@ class IllumeSystem:
     def save_pretrained(self, path: str | Path) -> Path:
         """Write every part and `system.json` into a temporary folder moved into place at the end (`core.atomic_dir`,
         `system.json` last): a reader finds the system complete or finds no `system.json`."""
-        from illume_ref.model import save_illume
         path = Path(path)
         with atomic_dir(path, last='system.json') as tmp:
             save_illume(tmp / 'mllm', self.model, self.tokenizer)
@@ -568,7 +551,6 @@ class IllumeSystem:
     def from_pretrained(cls, path: str | Path, device=None, dtype=None, **overrides) -> 'IllumeSystem':
         """Load a folder written by `save_pretrained`; every part listed in its `system.json` must be there, and the
         parts must agree (codebook size, codes per image, tokenizer)."""
-        from illume_ref.model import load_illume
         path = Path(path).expanduser()
         if not (path / 'system.json').exists():
             found = sorted(p.name for p in path.iterdir())[:8] if path.is_dir() else 'the folder does not exist'

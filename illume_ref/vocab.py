@@ -13,71 +13,23 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-import transformers
 
-from .config import LLMConfig
-from .core import atomic_dir, cached_run, load_json, save_json
+from .config import ConfigError, LLMConfig
+from .core import load_json, save_json
 
 # %% auto #0
-__all__ = ['VICUNA_SYSTEM', 'ROLES', 'TASK_PROMPTS', 'EXTRA_PHRASES', 'TEXT_SPECIAL_TOKENS', 'CORPUS_VERSION', 'IMAGE_START',
-           'IMAGE_END', 'IMAGE_PLACEHOLDER', 'IMAGE_ROW', 'IGNORE_INDEX', 'toy_text_corpus', 'train_toy_text_tokenizer',
-           'load_text_tokenizer', 'visual_token', 'VisualVocab', 'extend_tokenizer', 'init_new_rows', 'extend_model',
-           'TextRowFreezer']
+__all__ = ['TEXT_SPECIAL_TOKENS', 'IMAGE_START', 'IMAGE_END', 'IMAGE_PLACEHOLDER', 'IMAGE_ROW', 'IGNORE_INDEX',
+           'train_toy_text_tokenizer', 'load_text_tokenizer', 'visual_token', 'VisualVocab', 'extend_tokenizer',
+           'init_new_rows', 'extend_model', 'TextRowFreezer']
 
 # %% ../nbs/06_vocab.ipynb #66cd8865
-VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
-ROLES = ("USER", "ASSISTANT")
-
-# what the collators of notebook 07 put around images, per task ({caption}/{instruction} filled in)
-TASK_PROMPTS = {
-    'caption': "Describe the image briefly.",
-    'reconstruct': "Reconstruct this image.",
-    'generate': "Generate an image of: {caption}",
-    'edit': "{instruction}",
-    'pope': "{question} Answer yes or no.",
-}
-
-# words of the self-assessment dialogues (§4) and generic answers, so the toy tokenizer knows them too
-EXTRA_PHRASES = (
-    "yes", "no", "Yes.", "No.",
-    "Is the image consistent with the description? Check the objects, their count, colour and position.",
-    "The image is consistent with the description.",
-    "The image is not consistent with the description.",
-    "object: correct. count: correct. color: correct. position: correct.",
-    "object: wrong. count: wrong. color: wrong. position: wrong.",
-    "Please refine the image so that it matches the description.",
-    "Here is a refined image.", "Here is the image.", "Here is the edited image.",
-)
-
 TEXT_SPECIAL_TOKENS = {'unk_token': '<unk>', 'bos_token': '<s>', 'eos_token': '</s>', 'pad_token': '<pad>'}
-CORPUS_VERSION = 1   # bump when the corpus recipe changes: the tokenizer cache key includes it
 
 
-def toy_text_corpus(n_per_task: int = 2000, seed: int = 0) -> list[str]:
-    """Every kind of text the toy MLLM reads or writes: captions, VQA / MC / POPE questions and answers,
-    edit instructions (`n_per_task` examples of each task, train split), task prompts, the Vicuna system
-    prompt and role words, and assessment phrases."""
-    from illume_ref.toyworld import TASKS, task_examples
-    def turn(prompt, answer=''):   # as the Vicuna template lays text out: words get their leading spaces
-        return f"{VICUNA_SYSTEM} {ROLES[0]}: {prompt} {ROLES[1]}: {answer}".rstrip()
-    fixed = [*EXTRA_PHRASES, *(p.format(caption='', instruction='', question='') for p in TASK_PROMPTS.values())]
-    texts = [turn(t, t) for t in fixed] * 20     # rare but fixed text: repeated so BPE merges it
-    for task in TASKS:
-        for ex in task_examples(task, 'train', n_per_task, seed):
-            if task == 'caption':
-                texts += [ex['caption'], turn(TASK_PROMPTS['caption'], ex['caption']),
-                          turn(TASK_PROMPTS['generate'].format(caption=ex['caption']))]
-            elif task == 'mc': texts += [turn(ex['prompt'], ex['answer']), turn(ex['question'], ex['answer_text'])]
-            elif task == 'edit': texts.append(turn(ex['instruction']))
-            elif task == 'pope': texts.append(turn(TASK_PROMPTS['pope'].format(question=ex['question']), ex['answer']))
-            else: texts.append(turn(ex['question'], ex['answer']))
-    return texts
-
-
-def train_toy_text_tokenizer(vocab_size: int = 1024, corpus: Sequence[str] | None = None, min_frequency: int = 2):
-    """A byte-level BPE with at most `vocab_size` tokens trained on `corpus` (default `toy_text_corpus()`),
-    as a `PreTrainedTokenizerFast` with `<unk>`=0, `<s>`=1 (BOS, prepended), `</s>`=2 (EOS), `<pad>`=3."""
+def train_toy_text_tokenizer(vocab_size: int, corpus: Sequence[str], min_frequency: int = 2):
+    """A byte-level BPE with at most `vocab_size` tokens trained on the texts `corpus` (the toy LLM's:
+    `conversation.toy_text_corpus()`), as a `PreTrainedTokenizerFast` with `<unk>`=0, `<s>`=1 (BOS, prepended),
+    `</s>`=2 (EOS), `<pad>`=3."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
     specials = list(TEXT_SPECIAL_TOKENS.values())
@@ -89,33 +41,31 @@ def train_toy_text_tokenizer(vocab_size: int = 1024, corpus: Sequence[str] | Non
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(list(corpus) if corpus is not None else toy_text_corpus(), trainer=trainer)
+    corpus = [corpus] if isinstance(corpus, str) else list(corpus)
+    if not corpus: raise ValueError("train_toy_text_tokenizer got an empty corpus: expected a list of texts")
+    tok.train_from_iterator(corpus, trainer=trainer)
     bos = tok.token_to_id('<s>')
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                        special_tokens=[("<s>", bos)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, **TEXT_SPECIAL_TOKENS)
 
 
-def load_text_tokenizer(llm: LLMConfig | None = None, cache: str | Path | None = None):
-    """The LLM's text tokenizer. With `llm.tokenizer_path` (Vicuna at full scale): `AutoTokenizer.from_pretrained`
-    on it, given a pad token (`<unk>`, as LLaVA does, else EOS) when it has none. Without (toy): the byte-level
-    BPE of `train_toy_text_tokenizer(llm.text_vocab_size)`, trained once and kept in the cache folder."""
+def load_text_tokenizer(llm: LLMConfig):
+    """The text tokenizer at `llm.tokenizer_path` (Vicuna's at full scale): `AutoTokenizer.from_pretrained` on it,
+    given a pad token (`<unk>`, as LLaVA does, else EOS) when it has none. A config without a path (the toy preset)
+    trains its own BPE instead: `conversation.pretrained_toy_text_tokenizer(llm)`."""
     from transformers import AutoTokenizer
-    llm = llm if llm is not None else LLMConfig()
-    if llm.tokenizer_path:
-        path = llm.tokenizer_path
-        local = Path(path).expanduser()
-        if not local.exists() and (path.startswith(('/', '.', '~')) or os.sep in path.strip('/').split('/', 1)[-1]):
-            raise FileNotFoundError(f"tokenizer_path '{path}' does not exist (expected a folder written by "
-                                    "save_pretrained, or a hub id such as 'lmsys/vicuna-7b-v1.5')")
-        tok = AutoTokenizer.from_pretrained(str(local) if local.exists() else path)
-        if tok.pad_token is None: tok.pad_token = tok.unk_token or tok.eos_token
-        return tok
-    def build(folder):
-        with atomic_dir(folder, last='tokenizer.json') as tmp: train_toy_text_tokenizer(llm.text_vocab_size).save_pretrained(tmp)
-    # transformers 4 cannot read a tokenizer folder written by transformers 5: each major release keeps its own
-    key = {'vocab_size': llm.text_vocab_size, 'version': CORPUS_VERSION, 'transformers': transformers.__version__.split('.')[0]}
-    return cached_run('toy_text_tokenizer', key, build, AutoTokenizer.from_pretrained, cache=cache, marker='tokenizer.json')
+    path = llm.tokenizer_path
+    if not path:
+        raise ConfigError("config field 'llm.tokenizer_path' is empty: there is no tokenizer to load (the toy preset "
+                          "trains its own: conversation.pretrained_toy_text_tokenizer(cfg.llm))")
+    local = Path(path).expanduser()
+    if not local.exists() and (path.startswith(('/', '.', '~')) or os.sep in path.strip('/').split('/', 1)[-1]):
+        raise FileNotFoundError(f"tokenizer_path '{path}' does not exist (expected a folder written by "
+                                "save_pretrained, or a hub id such as 'lmsys/vicuna-7b-v1.5')")
+    tok = AutoTokenizer.from_pretrained(str(local) if local.exists() else path)
+    if tok.pad_token is None: tok.pad_token = tok.unk_token or tok.eos_token
+    return tok
 
 # %% ../nbs/06_vocab.ipynb #b0f806fb
 IMAGE_START, IMAGE_END, IMAGE_PLACEHOLDER, IMAGE_ROW = '<img_start>', '<img_end>', '<image>', '<img_row>'

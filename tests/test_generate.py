@@ -18,7 +18,7 @@ from illume_ref.generate import (IllumeSystem, ImageSpanLogitsProcessor, bench_g
                                  edit_image_codes, filter_logits, format_bench_generate, generate_image_codes,
                                  generate_images, image_span_fits, sample_tokens)
 from illume_ref.model import build_illume
-from illume_ref.toyworld import build_dataset
+from illume_ref.tasks import build_dataset
 from illume_ref.vocab import VisualVocab
 
 hf_logging.set_verbosity_error()

@@ -5,7 +5,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
-from illume_ref.config import LLMConfig
+from illume_ref.config import ConfigError, LLMConfig
+from illume_ref.tasks import task_examples
 from illume_ref.vocab import (IMAGE_PLACEHOLDER, TextRowFreezer, VisualVocab, extend_model, extend_tokenizer,
                               init_new_rows, load_text_tokenizer, train_toy_text_tokenizer)
 
@@ -15,7 +16,9 @@ hf_logging.set_verbosity_error()
 @pytest.fixture(scope="module")
 def saved_tokenizer(tmp_path_factory):
     path = tmp_path_factory.mktemp("tok") / "text"
-    train_toy_text_tokenizer(1024).save_pretrained(path)
+    corpus = [e["caption"] for e in task_examples("caption", "train", 1000)]
+    corpus += [e["question"] + " " + e["answer"] for e in task_examples("vqa", "train", 1000)]
+    train_toy_text_tokenizer(1024, corpus).save_pretrained(path)
     return path
 
 
@@ -41,6 +44,10 @@ def test_toy_tokenizer(saved_tokenizer):
         load_text_tokenizer(LLMConfig(tokenizer_path=str(saved_tokenizer.parent / "nope")))
     with pytest.raises(ValueError, match="vocab_size >= 260"):
         train_toy_text_tokenizer(100, corpus=["a b"])
+    with pytest.raises(ValueError, match="empty corpus"):
+        train_toy_text_tokenizer(1024, corpus=[])
+    with pytest.raises(ConfigError, match="'llm.tokenizer_path' is empty"):   # no path: nothing is trained silently
+        load_text_tokenizer(LLMConfig())
 
 
 def test_visual_vocab_map_and_layout(tmp_path):
