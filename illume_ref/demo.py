@@ -13,7 +13,10 @@ from typing import Callable
 
 from .config import IllumeRefConfig, get_config
 from .core import new_run_dir, save_json, seed_everything, show_images, image_grid
-from . import toyworld as tw
+from .toyworld import render, sample_scenes
+from .oracle import detect, detect_scene, draw_detections, perturb
+from .captions import caption_categories, check_spec, make_caption, parse_caption
+from .tasks import TASKS, build_dataset, read_folder, write_folder
 
 # %% auto #0
 __all__ = ['DEMO_STEPS', 'DemoContext', 'demo_step', 'toy_world_step', 'run_demo']
@@ -44,32 +47,32 @@ def demo_step(name: str):
 def toy_world_step(ctx: DemoContext) -> dict:
     "Sample, render, caption and oracle-check `ctx.n_scenes` scenes; build a few examples of every task."
     world, rng = ctx.cfg.world, random.Random(ctx.seed)
-    scenes = [tw.sample_scene(rng, world=world) for _ in range(ctx.n_scenes)]
-    images = [tw.render(s, world.image_size, world.antialias) for s in scenes]
+    scenes = sample_scenes(rng, ctx.n_scenes, world)
+    images = [render(s, world.image_size, world.antialias) for s in scenes]
 
-    exact = [tw.detect_scene(im, world.grid_size) == s for s, im in zip(scenes, images)]
-    noisy = [tw.detect_scene(tw.perturb(im, noise=20, rng=i), world.grid_size) == s
+    exact = [detect_scene(im, world.grid_size) == s for s, im in zip(scenes, images)]
+    noisy = [detect_scene(perturb(im, noise=20, rng=i), world.grid_size) == s
              for i, (s, im) in enumerate(zip(scenes, images))]
     per_category, shown = {}, []
     for s, im in zip(scenes, images):
-        dets, captions = tw.detect(im), []
-        for cat in tw.caption_categories(s):
-            captions.append(cap := tw.make_caption(s, cat, rng))
-            ok = tw.check_spec(tw.parse_caption(cap, world.grid_size), dets, world.grid_size)
+        dets, captions = detect(im), []
+        for cat in caption_categories(s):
+            captions.append(cap := make_caption(s, cat, rng))
+            ok = check_spec(parse_caption(cap, world.grid_size), dets, world.grid_size)
             per_category.setdefault(cat, []).append(ok)
         shown.append(rng.choice(captions))
 
     fig = show_images(images, shown, ncols=4, size=2.4)
     fig.savefig(ctx.out / "toy_world.png", dpi=100); fig.clf()
-    image_grid([tw.draw_detections(im, scale=4) for im in images], ncols=4).save(ctx.out / "oracle.png")
+    image_grid([draw_detections(im, scale=4) for im in images], ncols=4).save(ctx.out / "oracle.png")
 
     data_dir = ctx.out / "data"
     tasks = {}
-    for task in tw.TASKS:
-        ds = tw.build_dataset(task, "train", n=8, seed=ctx.seed, world=world)
+    for task in TASKS:
+        ds = build_dataset(task, "train", n=8, seed=ctx.seed, world=world)
         tasks[task] = {"rows": len(ds), "columns": list(ds.column_names)}
-    back = tw.read_folder(tw.write_folder(tw.build_dataset("caption", "val", n=8, seed=ctx.seed, world=world),
-                                          data_dir / "caption_val"))
+    back = read_folder(write_folder(build_dataset("caption", "val", n=8, seed=ctx.seed, world=world),
+                                    data_dir / "caption_val"))
     return {
         "scenes": len(scenes),
         "oracle_exact": sum(exact) / len(exact),

@@ -25,11 +25,12 @@ from PIL import Image
 
 from .config import EvalConfig, IllumeRefConfig, get_config
 from .core import MIN_IMAGE_SIDE, atomic_write, image_grid, in_test, open_image, save_json, to_rgb8, work_size
-from .toyworld import (BACKGROUND, CAPTION_CATEGORIES, COLOR_SYNONYMS, COLORS, EDIT_TYPES, NUMBER_WORDS,
-                       POPE_VARIANTS, RELATIONS, SHAPE_SYNONYMS, SHAPES, VQA_TYPES, Scene, ToyObject, cell_name,
-                       check_spec, check_type, detect, detect_scene, draw_detections, format_choices, json_type,
-                       make_caption, parse_caption, read_jsonl, read_text, relation_holds, render, sample_scene,
-                       task_examples, to_rgb_array)
+from .toyworld import BACKGROUND, COLORS, SHAPES, Scene, ToyObject, render, sample_scene, to_rgb_array
+from .oracle import detect, detect_scene, draw_detections
+from .captions import (CAPTION_CATEGORIES, COLOR_SYNONYMS, NUMBER_WORDS, RELATIONS, SHAPE_SYNONYMS,
+                                 cell_name, check_spec, make_caption, parse_caption, relation_holds)
+from .tasks import (EDIT_TYPES, POPE_VARIANTS, VQA_TYPES, check_type, format_choices, json_type, read_jsonl,
+                              read_text, task_examples)
 
 # %% auto #0
 __all__ = ['GENEVAL_CATEGORIES', 'SECTIONS', 'LETTERS', 'PAPER_RESULTS', 'FIELD_TYPES', 'POPE_SUFFIX', 'MMBENCH_SUFFIX',

@@ -19,7 +19,10 @@ from illume_ref.evaluate import (AlwaysYesModel, BlankModel, ModelLike, OracleMo
                                  parse_yes_no, pope_answers, pope_metrics, random_circular_accuracy,
                                  read_mmbench, read_records, report_markdown, score_geneval_folder, score_mmbench,
                                  score_pope, toy_geneval_metadata, toy_suite)
-from illume_ref.toyworld import POPE_VARIANTS, detect_scene, make_caption, render, sample_scene
+from illume_ref.toyworld import render, sample_scene
+from illume_ref.oracle import detect_scene
+from illume_ref.captions import make_caption
+from illume_ref.tasks import POPE_VARIANTS
 
 SMALL = {'eval.pope_per_split': 10, 'eval.mmbench_questions': 24, 'eval.vqa_questions': 24,
          'eval.geneval_prompts_per_category': 3, 'eval.geneval_images_per_prompt': 2, 'eval.fid_samples': 24,

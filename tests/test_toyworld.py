@@ -76,7 +76,7 @@ def test_sample_scenes_draws_from_one_generator_and_keeps_splits_apart():
     assert not keys['train'] & keys['val'] and not keys['train'] & keys['test'] and not keys['val'] & keys['test']
     assert sample_scenes(7, 5, split='test') == sample_scenes(7, 5, split='test')
     with pytest.raises(ValueError, match='valid splits: train, val, test'): sample_scenes(0, 1, split='dev')
-    tiny = dict(grid_size=1, max_objects=1, shapes=['star'], colors=['red'])                 # one possible scene: two splits are empty
+    tiny = dict(grid_size=1, max_objects=1, shapes=['star'], colors=['red'])    # one scene: two splits are empty
     empty = next(s for s in SPLITS if s != scene_split(sample_scene(0, **tiny)))
     with pytest.raises(RuntimeError, match='the world is too small'): sample_scenes(0, 1, split=empty, max_tries=20, **tiny)
 
