@@ -268,10 +268,13 @@ def pad_sequences(rows: Sequence[Sequence[int]], pad_id: int, side: str = 'left'
 def collate(examples: Sequence[dict], tokenizer, vocab: VisualVocab, tasks: str | Sequence[str] | None = None,
             template: str = 'vicuna_v1', image_size: int = 64, tokens_per_view: int = 64, vision_tokenizer=None,
             anyres: dict | None = None, max_length: int | None = None, padding_side: str = 'right',
-            add_generation_prompt: bool = False) -> dict:
+            add_generation_prompt: bool = False, too_long: str = 'error') -> dict:
     """Toy examples -> a padded batch for `IllumeForConditionalGeneration`. `tasks`: one name for all, one per
     example, or None to read each example's 'task' key. Images the model writes (`target_image`) are encoded
-    with `vision_tokenizer.encode` in one call. Sequences longer than `max_length` raise (no silent truncation)."""
+    with `vision_tokenizer.encode` in one call. A sequence longer than `max_length` raises (`too_long='error'`),
+    or (`'drop'`) is left out of the batch, whose `kept` entry then lists the indices of the examples it holds:
+    cutting a sequence would cut an image's token span or the end-of-turn token, so it is never truncated."""
+    if too_long not in ('error', 'drop'): raise ValueError(f"too_long must be 'error' or 'drop', got {too_long!r}")
     B = len(examples)
     if B == 0: raise ValueError("collate got no examples")
     if tasks is None:
@@ -295,16 +298,22 @@ def collate(examples: Sequence[dict], tokenizer, vocab: VisualVocab, tasks: str 
     encs = [tokenize_conversation(d, tokenizer, vocab, template, tokens_per_view, anyres, image_size,
                                   add_generation_prompt) for d in dialogues]
     L = max(len(e['input_ids']) for e in encs)
+    kept = list(range(B))
     if max_length is not None and L > max_length:
-        worst = max(range(B), key=lambda i: len(encs[i]['input_ids']))
-        raise ValueError(f"example {worst} ({tasks[worst]}) is {L} tokens long, longer than the context of "
-                         f"{max_length} positions")
+        if too_long == 'error':
+            worst = max(range(B), key=lambda i: len(encs[i]['input_ids']))
+            raise ValueError(f"example {worst} ({tasks[worst]}) is {L} tokens long, longer than the context of "
+                             f"{max_length} positions")
+        kept = [i for i, e in enumerate(encs) if len(e['input_ids']) <= max_length]
+        if not kept: raise ValueError(f"no example fits the context of {max_length} positions (shortest: "
+                                      f"{min(len(e['input_ids']) for e in encs)} tokens)")
+        encs, tasks = [encs[i] for i in kept], [tasks[i] for i in kept]
     input_ids, attention_mask = pad_sequences([e['input_ids'] for e in encs], pad_token_id(tokenizer), padding_side)
     labels, _ = pad_sequences([e['labels'] for e in encs], IGNORE_INDEX, padding_side)
     views = [e['views'] for e in encs if e['views'] is not None]
     return {'input_ids': input_ids, 'attention_mask': attention_mask, 'labels': labels,
             'images': torch.cat(views) if views else None, 'tasks': list(tasks),
-            'image_grids': [e['grids'] for e in encs]}
+            'image_grids': [e['grids'] for e in encs], **({'kept': kept} if too_long == 'drop' else {})}
 
 # %% ../nbs/06a_conversation.ipynb #48b7331f
 def select_grid(width: int, height: int, base: int, max_slices: int = 9) -> tuple[int, int]:

@@ -267,3 +267,16 @@ def test_save_illume_is_atomic(toy, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space"): save_illume(tmp_path / "ckpt", m, tok)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]          # no half folder, no temporary left
     assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == before
+
+def test_collate_drops_examples_longer_than_the_context_and_says_which(toy):
+    ex = dict(toy["data"]["caption"][0])
+    short, long = {**ex, "caption": "a star"}, {**ex, "caption": "a star " * 10}
+    collate = toy["model"].collator(toy["tok"])
+    n_long = collate([long], tasks="caption")["input_ids"].shape[1]
+    with pytest.raises(ValueError, match=f"example 1 \\(caption\\) is {n_long} tokens long"):
+        collate([short, long], tasks="caption", max_length=n_long - 1)
+    b = collate([long, short, long], tasks="caption", max_length=n_long - 1, too_long="drop")
+    assert b["kept"] == [1] and b["input_ids"].shape[0] == 1 and b["images"].shape[0] == 1
+    assert torch.equal(b["input_ids"], collate([short], tasks="caption")["input_ids"])
+    with pytest.raises(ValueError, match="no example fits"):
+        collate([long], tasks="caption", max_length=n_long - 1, too_long="drop")
