@@ -22,9 +22,9 @@ from .configbase import config_changes
 from .core import available_devices, get_device, new_run_dir, open_image, save_json
 
 # %% auto #0
-__all__ = ['TRAIN_TARGETS', 'TRAIN_SECTIONS', 'RESUMABLE', 'BENCHMARKS', 'EVAL_SECTIONS', 'add_config_args', 'config_from_args',
-           'count', 'fresh_run_dir', 'cmd_info', 'cmd_config', 'cmd_demo', 'train_config', 'cmd_train', 'cmd_bench',
-           'cmd_chat', 'cmd_generate', 'cmd_edit', 'cmd_eval', 'build_parser', 'main']
+__all__ = ['TRAIN_TARGETS', 'STAGE_TARGETS', 'TRAIN_SECTIONS', 'RESUMABLE', 'BENCHMARKS', 'EVAL_SECTIONS', 'add_config_args',
+           'config_from_args', 'count', 'fresh_run_dir', 'cmd_info', 'cmd_config', 'cmd_demo', 'train_config',
+           'cmd_train', 'cmd_bench', 'cmd_chat', 'cmd_generate', 'cmd_edit', 'cmd_eval', 'build_parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #457ef47c
 def add_config_args(p: argparse.ArgumentParser):
@@ -108,8 +108,14 @@ TRAIN_TARGETS = {
     "encoder": "pretrain the toy ViT on the toy world (semantic per-patch targets)",
     "tokenizer": "the vision tokenizer: --kind semantic (feature reconstruction) or reconstruction (pixel VQ)",
     "decoder": "the diffusion decoder: codes of --tokenizer DIR (default: the cached toy tokenizer) -> pixels",
+    "stage1": "stage 1 (Table 5): adapter + visual rows on captions and reconstruction; writes an ILLUME system folder",
+    "stage2": "stage 2: LLM + adapter on the mixture of Fig. 4; --from the stage-1 folder",
+    "stage3": "stage 3: everything (the understanding encoder too) on instruction data; --from the stage-2 folder",
+    "stages": "stages 1, 2 and 3 in a row, into --out/stage1, stage2, stage3",
 }
-TRAIN_SECTIONS = {"tokenizer": "tokenizer.train", "decoder": "decoder.train"}   # the TrainConfig each target uses
+STAGE_TARGETS = ("stage1", "stage2", "stage3", "stages")
+TRAIN_SECTIONS = {"tokenizer": "tokenizer.train", "decoder": "decoder.train",   # the TrainConfig each target uses
+                  "stage1": "stage1.train", "stage2": "stage2.train", "stage3": "stage3.train"}
 RESUMABLE = ("steps", "schedule_steps", "log_every", "save_every")          # what a resume may change in it
 
 
@@ -117,8 +123,20 @@ def _check_train_args(args):
     "Refuse options that do not apply to the target, or values it cannot use, before anything is built."
     if args.resume and args.target == "encoder":
         raise ValueError("the toy encoder's pretraining is short and keeps no checkpoints: run it again without --resume")
-    if args.tokenizer is not None and args.target != "decoder":
-        raise ValueError(f"--tokenizer applies to the decoder target, not to '{args.target}'")
+    stage = args.target in STAGE_TARGETS
+    if args.tokenizer is not None and args.target != "decoder" and not stage:
+        raise ValueError(f"--tokenizer applies to the decoder and the stages, not to '{args.target}'")
+    for flag, value in (("--from", args.previous), ("--decoder", args.decoder), ("--dry-run", args.dry_run or None)):
+        if value is not None and not stage:
+            raise ValueError(f"{flag} applies to the training stages (stage1, stage2, stage3, stages), not to '{args.target}'")
+    if args.previous is not None and args.target in ("stage1", "stages"):
+        raise ValueError(f"{args.target} starts from the toy encoder and a new LLM (build_illume): --from applies to stage2 and stage3")
+    if args.target in ("stage2", "stage3") and args.previous is None and not args.dry_run and not args.resume:
+        raise ValueError(f"{args.target} continues the previous stage: give its folder with --from DIR")
+    if stage and (args.eval_images is not None or args.kind is not None):
+        raise ValueError("--eval-images and --kind apply to the tokenizer and decoder targets, not to the stages")
+    if args.steps is not None and args.target == "stages":
+        raise ValueError("--steps sets one stage's steps: use --set stage1.train.steps=N (and stage2, stage3) for 'stages'")
     if args.kind is not None and args.target != "tokenizer":
         raise ValueError(f"--kind applies to the tokenizer target, not to '{args.target}'")
     if args.eval_images is not None and args.target == "encoder":
@@ -191,6 +209,10 @@ def cmd_train(args) -> int:
     if args.resume and not out.is_dir():
         raise FileNotFoundError(f"--resume needs an existing run folder, and '{out}' is not one")
     cfg = train_config(args, out)
+    if args.dry_run:                                            # the plan of a stage: nothing is built but meta tensors
+        from illume_ref.stages import STAGES, dry_run
+        for name in (STAGES if args.target == "stages" else (args.target,)): print(dry_run(cfg, name), end="\n\n")
+        return 0
     kw = {"eval_images": args.eval_images} if args.eval_images is not None else {}
     if args.target == "decoder":
         from illume_ref.tokenizer import load_tokenizer, pretrained_toy_tokenizer
@@ -207,10 +229,19 @@ def cmd_train(args) -> int:
             from illume_ref.tokenizer import train_tokenizer
             _, history = train_tokenizer(cfg, out, kind=args.kind or "semantic", resume=args.resume, device=args.device, **kw)
             result = {"steps": history["steps"], "seconds": round(history["seconds"], 1), "eval": history["eval"]}
-        else:
+        elif args.target == "decoder":
             from illume_ref.decoder import train_decoder
             _, history = train_decoder(cfg, tokenizer, out, resume=args.resume, device=args.device, **kw)
             result = {k: history.get(k) for k in ("steps", "seconds", "eval")}
+        else:
+            from illume_ref.stages import train_stage, train_stages
+            parts = dict(tokenizer=args.tokenizer, decoder=args.decoder, resume=args.resume, device=args.device,
+                         trust_remote_code=args.trust_remote_code)
+            if args.target == "stages": infos = train_stages(cfg, out, **parts)
+            else: infos = {args.target: train_stage(cfg, args.target, out, previous=args.previous, **parts)[1]}
+            result = {name: {"steps": i["steps"], "seconds": round(i["seconds"], 1),
+                             "final loss": round(i["history"][-1]["loss"], 4) if i["history"] else None}
+                      for name, i in infos.items()}
     print(json.dumps({"run_dir": str(out), "target": args.target, **result}, indent=2, default=str))
     return 0
 
@@ -318,7 +349,7 @@ EVAL_SECTIONS = ("eval", "world", "encoder")
 
 def cmd_eval(args) -> int:
     "Score a saved model on the toy suite (or real-benchmark files) and write metrics.json and the tables."
-    from illume_ref.evaluate import evaluate
+    from illume_ref.report import evaluate
     ignored = [o for o in args.overrides if o.split("=", 1)[0].strip().split(".")[0] not in EVAL_SECTIONS]
     if ignored:
         raise ConfigError(f"--set {', '.join(ignored)}: eval cannot apply this to a saved model (its parts come from "
@@ -367,7 +398,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=count(1), default=None,
                    help="training steps (written into the run's config.yaml; with --resume: extend or shorten the run)")
     p.add_argument("--kind", default=None, choices=["semantic", "reconstruction"], help="tokenizer kind (default: semantic)")
-    p.add_argument("--tokenizer", default=None, help="decoder: a trained vision tokenizer folder")
+    p.add_argument("--tokenizer", default=None, help="decoder, stages: a trained vision tokenizer folder (default: the toy cache's)")
+    p.add_argument("--decoder", default=None, help="stages: a trained diffusion decoder folder (default: none, codes are drawn as mosaics)")
+    p.add_argument("--from", dest="previous", default=None, help="stage2, stage3: the previous stage's folder")
+    p.add_argument("--dry-run", action="store_true",
+                   help="stages: print the parameter groups and the memory per device under FSDP, train nothing")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let Hugging Face folders named by the config run their own code (off: a folder never runs code)")
     p.add_argument("--eval-images", type=count(0), default=None,
                    help="held-out images scored at the end (default: the trainer's; decoder: 0 skips the scores)")
     p.add_argument("--device", default=None)

@@ -133,7 +133,7 @@ def test_bad_arguments_fail_before_training_and_leave_no_folder(cli, tmp_path, e
         (["train", "tokenizer", *enc, "--eval-images", 0], "--eval-images must be at least 1 for the tokenizer"),
         (["train", "encoder", "--eval-images", 3], "--eval-images applies to the tokenizer and decoder targets"),
         (["train", "decoder", "--kind", "reconstruction"], "--kind applies to the tokenizer target"),
-        (["train", "tokenizer", "--tokenizer", tmp_path], "--tokenizer applies to the decoder target"),
+        (["train", "tokenizer", "--tokenizer", tmp_path], "--tokenizer applies to the decoder and the stages"),
         (["train", "tokenizer", "--device", "tpu"], "unknown device 'tpu'"),
         (["train", "tokenizer", "--config", tmp_path / "nope.yaml"], "no such config file"),
     ]:
