@@ -22,10 +22,10 @@ from .vocab import (IGNORE_INDEX, IMAGE_END, IMAGE_PLACEHOLDER, IMAGE_ROW, IMAGE
                               train_toy_text_tokenizer)
 
 # %% auto #0
-__all__ = ['VICUNA_SYSTEM', 'ROLES', 'TEMPLATES', 'TASK_PROMPTS', 'EXTRA_PHRASES', 'CORPUS_VERSION', 'DIALOGUE_TASKS',
-           'toy_text_corpus', 'pretrained_toy_text_tokenizer', 'view_tensor', 'image_input_ids',
-           'tokenize_conversation', 'example_to_turns', 'pad_token_id', 'pad_sequences', 'collate', 'select_grid',
-           'anyres_views']
+__all__ = ['VICUNA_SYSTEM', 'ROLES', 'TEMPLATES', 'DEFAULT_TEMPLATE', 'TASK_PROMPTS', 'EXTRA_PHRASES', 'CORPUS_VERSION',
+           'DIALOGUE_TASKS', 'check_template', 'toy_text_corpus', 'pretrained_toy_text_tokenizer', 'view_tensor',
+           'image_input_ids', 'tokenize_conversation', 'example_to_turns', 'pad_token_id', 'pad_sequences', 'collate',
+           'select_grid', 'anyres_views']
 
 # %% ../nbs/06a_conversation.ipynb #f3ea8661
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
@@ -33,6 +33,14 @@ VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence a
 ROLES = ("USER", "ASSISTANT")
 
 TEMPLATES = ('vicuna_v1', 'plain')       # conversation templates (see section 2)
+DEFAULT_TEMPLATE = LLMConfig.conversation_template   # the template of a model whose config names none
+
+
+def check_template(template: str | None) -> str:
+    "`template`, or `DEFAULT_TEMPLATE` for None; a ValueError naming the known templates for any other name."
+    template = DEFAULT_TEMPLATE if template is None else template
+    if template not in TEMPLATES: raise ValueError(f"unknown conversation template {template!r}: expected one of {TEMPLATES}")
+    return template
 
 # what the dialogues put around images, per task ({caption}/{instruction}/{question} filled in)
 TASK_PROMPTS = {
@@ -117,7 +125,7 @@ def _text_ids(tokenizer, text: str) -> list[int]:
 
 def _segments(turns: Sequence[dict], template: str, eos: str, add_generation_prompt: bool):
     "A dialogue as (part, supervised) pairs, in the template's layout."
-    if template not in TEMPLATES: raise ValueError(f"unknown conversation template '{template}': expected {TEMPLATES}")
+    template = check_template(template)
     for i, turn in enumerate(turns):
         role = turn.get('role')
         if role not in ('user', 'assistant'):
@@ -164,19 +172,23 @@ def image_input_ids(vocab: VisualVocab, tokens_per_view: int, grid: tuple[int, i
     return ph + (ph * cols + row_end) * rows
 
 
-def tokenize_conversation(turns: Sequence[dict], tokenizer, vocab: VisualVocab, template: str = 'vicuna_v1',
+def tokenize_conversation(turns: Sequence[dict], tokenizer, vocab: VisualVocab, template: str | None = None,
                           tokens_per_view: int = 64, anyres: dict | None = None, image_size: int | None = None,
-                          add_generation_prompt: bool = False) -> dict:
-    """One dialogue -> `input_ids`, `labels` (lists), `views` (the understanding views `(3, S, S)` in order)
-    and `grids`. Images the model writes must be given as `{'codes': ...}` here (see `collate` for
-    `target_image`). `anyres`: `{'max_slices': 9, 'base': 448}` slices understanding inputs (stage 3)."""
+                          add_generation_prompt: bool = False, codes_checked: bool = False) -> dict:
+    """One dialogue -> `input_ids`, `labels` (1-D LongTensors), `views` (the understanding views `(V, 3, S, S)` in
+    order, or None) and `grids`. `template`: None is `DEFAULT_TEMPLATE` (a model's collator passes the model's).
+    Images the model writes must be given as `{'codes': ...}` here (see `collate` for `target_image`); their code
+    values are range-checked unless `codes_checked` (collate checks a whole batch's codes in one call). `anyres`:
+    `{'max_slices': 9, 'base': 448}` slices understanding inputs (stage 3)."""
     eos = tokenizer.eos_token
-    ids, labels, views, grids = [], [], [], []
-    if tokenizer.bos_token_id is not None:
-        ids.append(tokenizer.bos_token_id); labels.append(IGNORE_INDEX)
+    ids, labels, views, grids = [], [], [], []         # pieces: text ids and image ids, each converted to a tensor once
+    def add(piece, supervised: bool):
+        piece = torch.as_tensor(piece, dtype=torch.long)
+        ids.append(piece); labels.append(piece if supervised else torch.full_like(piece, IGNORE_INDEX))
+    if tokenizer.bos_token_id is not None: add([tokenizer.bos_token_id], False)
     for part, sup in _segments(turns, template, eos, add_generation_prompt):
         if isinstance(part, str):
-            piece = [tokenizer.eos_token_id] if part == eos and sup else _text_ids(tokenizer, part)
+            add([tokenizer.eos_token_id] if part == eos and sup else _text_ids(tokenizer, part), sup)
         elif not isinstance(part, dict):
             raise ValueError(f"unknown content part of type {type(part).__name__}: expected a string, {{'image': ...}} "
                              "or {'codes': ...} (wrap an image as {'image': img})")
@@ -186,20 +198,17 @@ def tokenize_conversation(turns: Sequence[dict], tokenizer, vocab: VisualVocab, 
             if anyres: v, grid = anyres_views(part['image'], anyres.get('base', image_size), anyres.get('max_slices', 9))
             else: v, grid = view_tensor(part['image'], image_size), None
             views.append(v); grids.append(grid)
-            ids += image_input_ids(vocab, tokens_per_view, grid); labels += [IGNORE_INDEX] * (len(ids) - len(labels))
-            continue
+            add(image_input_ids(vocab, tokens_per_view, grid), False)
         elif 'codes' in part:
-            piece = vocab.image_token_ids(torch.as_tensor(part['codes']).flatten()).tolist()
+            add(vocab.image_token_ids(torch.as_tensor(part['codes']).flatten().cpu(), checked=codes_checked), sup)
         elif 'target_image' in part:
             raise ValueError("a {'target_image': ...} part must be encoded to codes first: pass the example through "
                              "collate(..., vision_tokenizer=...), or give {'codes': ...}")
         else:
             raise ValueError(f"unknown content part {sorted(part) if isinstance(part, dict) else type(part).__name__}: "
                              "expected a string, {'image': ...}, {'codes': ...} or {'target_image': ...}")
-        ids += piece
-        labels += piece if sup else [IGNORE_INDEX] * len(piece)
     views = torch.cat(views) if views else None
-    return {'input_ids': ids, 'labels': labels, 'views': views, 'grids': grids}
+    return {'input_ids': torch.cat(ids), 'labels': torch.cat(labels), 'views': views, 'grids': grids}
 
 # %% ../nbs/06a_conversation.ipynb #537e69c5
 DIALOGUE_TASKS = ('caption', 'generate', 'reconstruct', 'edit', 'vqa', 'mc', 'mmbench', 'pope', 'conversation')
@@ -209,8 +218,9 @@ def _target(example: dict, image_key: str) -> dict:
     return {'codes': example['codes']} if 'codes' in example else {'target_image': example[image_key]}
 
 
-def example_to_turns(example: dict, task: str, template: str = 'vicuna_v1') -> list[dict]:
-    "A toy-world example (keys as in `toyworld.build_dataset`) -> the dialogue of `task` (see the table above)."
+def example_to_turns(example: dict, task: str, template: str | None = None) -> list[dict]:
+    "A toy-world example (keys as in `tasks.build_dataset`) -> the dialogue of `task` (see the table above)."
+    template = check_template(template)
     if task not in DIALOGUE_TASKS: raise ValueError(f"unknown task '{task}': expected one of {DIALOGUE_TASKS}")
     user = lambda *c: {'role': 'user', 'content': list(c)}
     assistant = lambda *c: {'role': 'assistant', 'content': list(c)}
@@ -266,14 +276,16 @@ def pad_sequences(rows: Sequence[Sequence[int]], pad_id: int, side: str = 'left'
 
 
 def collate(examples: Sequence[dict], tokenizer, vocab: VisualVocab, tasks: str | Sequence[str] | None = None,
-            template: str = 'vicuna_v1', image_size: int = 64, tokens_per_view: int = 64, vision_tokenizer=None,
+            template: str | None = None, image_size: int = 64, tokens_per_view: int = 64, vision_tokenizer=None,
             anyres: dict | None = None, max_length: int | None = None, padding_side: str = 'right',
             add_generation_prompt: bool = False, too_long: str = 'error') -> dict:
     """Toy examples -> a padded batch for `IllumeForConditionalGeneration`. `tasks`: one name for all, one per
     example, or None to read each example's 'task' key. Images the model writes (`target_image`) are encoded
-    with `vision_tokenizer.encode` in one call. A sequence longer than `max_length` raises (`too_long='error'`),
-    or (`'drop'`) is left out of the batch, whose `kept` entry then lists the indices of the examples it holds:
-    cutting a sequence would cut an image's token span or the end-of-turn token, so it is never truncated."""
+    with `vision_tokenizer.encode` in one call, and all code values of the batch are range-checked in one call;
+    `template`: None is `DEFAULT_TEMPLATE` (`model.collator` passes the model's). A sequence longer than
+    `max_length` raises (`too_long='error'`), or (`'drop'`) is left out of the batch, whose `kept` entry then lists
+    the indices of the examples it holds: cutting a sequence would cut an image's token span or the end-of-turn
+    token, so it is never truncated."""
     if too_long not in ('error', 'drop'): raise ValueError(f"too_long must be 'error' or 'drop', got {too_long!r}")
     B = len(examples)
     if B == 0: raise ValueError("collate got no examples")
@@ -291,12 +303,16 @@ def collate(examples: Sequence[dict], tokenizer, vocab: VisualVocab, tasks: str 
             raise ValueError(f"{len(targets)} image(s) to generate are given as pixels: pass vision_tokenizer= to "
                              "encode them, or give their 'codes'")
         size = getattr(vision_tokenizer, 'image_size', None)
-        codes = vision_tokenizer.encode(torch.cat([view_tensor(p['target_image'], size) for p in targets]))
-        codes_of = {id(p): c for p, c in zip(targets, codes.cpu())}
+        codes = vision_tokenizer.encode(torch.cat([view_tensor(p['target_image'], size) for p in targets])).cpu()
+        codes_of = {id(p): c for p, c in zip(targets, codes)}
         dialogues = [[{**turn, 'content': [{'codes': codes_of[id(p)]} if id(p) in codes_of else p
                                            for p in turn['content']]} for turn in d] for d in dialogues]
+    # every image the batch writes, range-checked once; tokenisation then trusts the codes
+    codes = [torch.as_tensor(p['codes']).flatten() for d in dialogues for turn in d for p in turn['content']
+             if isinstance(p, dict) and 'codes' in p]
+    if codes: vocab.check_codes(torch.cat([c.cpu() for c in codes]))
     encs = [tokenize_conversation(d, tokenizer, vocab, template, tokens_per_view, anyres, image_size,
-                                  add_generation_prompt) for d in dialogues]
+                                  add_generation_prompt, codes_checked=True) for d in dialogues]
     L = max(len(e['input_ids']) for e in encs)
     kept = list(range(B))
     if max_length is not None and L > max_length:

@@ -173,9 +173,10 @@ def _images(images) -> list:
     return [images]
 
 
-def prompt_ids(model, tokenizer, turns: list[dict], template: str = 'vicuna_v1') -> tuple[list[int], torch.Tensor | None]:
-    "A dialogue ending in a user turn -> (ids up to and including `ASSISTANT:`, its understanding views or None)."
-    enc = tokenize_conversation(turns, tokenizer, model.visual_vocab, template, tokens_per_view=model.image_tokens,
+def prompt_ids(model, tokenizer, turns: list[dict], template: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A dialogue ending in a user turn -> (ids `(L,)` up to and including `ASSISTANT:`, its understanding views or
+    None). `template`: None is the model's (`model.template`)."""
+    enc = tokenize_conversation(turns, tokenizer, model.visual_vocab, template or model.template, tokens_per_view=model.image_tokens,
                                 image_size=model.vision_encoder.image_size, add_generation_prompt=True)
     return enc['input_ids'], enc['views']
 
@@ -203,12 +204,12 @@ def image_prompts(model, tokenizer, conditions: Sequence[list], cfg: bool, templ
     rows, views = [], []
     for parts in conditions:
         ids, v = prompt_ids(model, tokenizer, _user(*parts), template)
-        rows.append(ids + [start]); views.append(v)
+        rows.append(torch.cat([ids, ids.new_tensor([start])])); views.append(v)
     if cfg:
         for parts in conditions:
             keep = [p for p in parts if isinstance(p, dict)] if uncond == 'image' else []
             ids, v = prompt_ids(model, tokenizer, _user(*keep) if keep else _user(''), template)
-            rows.append(ids + [start]); views.append(v)
+            rows.append(torch.cat([ids, ids.new_tensor([start])])); views.append(v)
     return rows, views
 
 # %% ../nbs/08_inference.ipynb #1e266ef2

@@ -17,8 +17,8 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 
-from .config import EncoderConfig, IllumeRefConfig, LLMConfig
-from .conversation import collate, pretrained_toy_text_tokenizer
+from .config import ConfigError, EncoderConfig, IllumeRefConfig, LLMConfig
+from .conversation import DEFAULT_TEMPLATE, TEMPLATES, collate, pretrained_toy_text_tokenizer
 from .core import atomic_dir
 from .encoders import SemanticEncoder, ToyViT, VisionTower, build_encoder
 from .vocab import IGNORE_INDEX, VisualVocab, extend_model, extend_tokenizer, load_text_tokenizer
@@ -61,13 +61,13 @@ class VisionAdapter(nn.Sequential):
 class IllumeConfig(PretrainedConfig):
     """Config of `IllumeForConditionalGeneration`: the LLM's HF config (`text_config`, at the extended vocabulary
     size), the `EncoderConfig` (`encoder`), the HF vision tower's config (`vision_config`, None for the toy ViT),
-    the adapter width and the `VisualVocab`, all as plain dicts."""
+    the adapter width and the `VisualVocab`, all as plain dicts, and the conversation template it is trained with."""
     model_type = "illume_ref"
 
     def __init__(self, text_config: dict | None = None, encoder: dict | None = None, vision_config: dict | None = None,
                  image_mean: Sequence[float] | None = None, image_std: Sequence[float] | None = None,
                  adapter_hidden: int = 256, visual_vocab: dict | None = None, tokens_per_image: int = 64,
-                 context_length: int | None = None, **kwargs):
+                 context_length: int | None = None, conversation_template: str = DEFAULT_TEMPLATE, **kwargs):
         self.text_config = text_config.to_dict() if isinstance(text_config, PretrainedConfig) else text_config
         self.encoder = encoder.to_dict() if isinstance(encoder, EncoderConfig) else encoder
         self.vision_config = vision_config.to_dict() if isinstance(vision_config, PretrainedConfig) else vision_config
@@ -76,6 +76,7 @@ class IllumeConfig(PretrainedConfig):
         self.visual_vocab = visual_vocab.to_dict() if isinstance(visual_vocab, VisualVocab) else visual_vocab
         self.tokens_per_image = tokens_per_image     # codes per generated image (the vision tokenizer's N)
         self.context_length = context_length         # the LLM's max_position_embeddings
+        self.conversation_template = conversation_template   # LLMConfig.conversation_template: how its dialogues are laid out
         super().__init__(**kwargs)
 
 
@@ -149,6 +150,10 @@ class IllumeForConditionalGeneration(PreTrainedModel):
         return self.vision_encoder.num_tokens
     @property
     def max_length(self) -> int: return self.config.context_length or self.language_model.config.max_position_embeddings
+    @property
+    def template(self) -> str:
+        "The conversation template the model reads and writes (`LLMConfig.conversation_template`)."
+        return self.config.conversation_template
 
     def get_input_embeddings(self): return self.language_model.get_input_embeddings()
     def get_output_embeddings(self): return self.language_model.get_output_embeddings()
@@ -164,19 +169,22 @@ class IllumeForConditionalGeneration(PreTrainedModel):
         return logits[..., self.visual_vocab.visual_slice]
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """The groups of `StageConfig.lrs`: 'adapter', 'visual_embed' (the input embedding and LM head weights; in
-        stage 1 wrap them with `TextRowFreezer` so only their visual rows train), 'llm' (every LLM parameter,
-        including those two) and 'vision_encoder'."""
+        """The parameter groups of the stages (Table 5), a partition: each parameter is in exactly one group (an
+        optimizer refuses one in two). 'adapter'; 'vision_encoder'; 'embed': the input embedding and the LM head
+        (one tensor when tied), whose visual rows are rows of the same tensors as the text rows, so stage 1 trains
+        this group under `TextRowFreezer(model, model.visual_vocab)` (its row mask keeps the text rows fixed);
+        'llm': every other parameter of the LLM."""
         emb, head = self.get_input_embeddings().weight, self.get_output_embeddings().weight
+        embed = [emb] if head is emb else [emb, head]
         return {'adapter': list(self.adapter.parameters()),
-                'visual_embed': [emb] if head is emb else [emb, head],
-                'llm': list(self.language_model.parameters()),
-                'vision_encoder': list(self.vision_encoder.parameters())}
+                'vision_encoder': list(self.vision_encoder.parameters()),
+                'embed': embed,
+                'llm': [p for p in self.language_model.parameters() if all(p is not e for e in embed)]}
 
     def collator(self, tokenizer, **kwargs):
-        "A `conversation.collate` with this model's vocabulary, view size, tokens per view and context length filled in."
+        "A `conversation.collate` with this model's vocabulary, view size, tokens per view, context length and template."
         base = dict(vocab=self.visual_vocab, image_size=self.vision_encoder.image_size, tokens_per_view=self.image_tokens,
-                    max_length=self.max_length)
+                    max_length=self.max_length, template=self.template)
         return lambda examples, **kw: collate(examples, tokenizer, **{**base, **kwargs, **kw})
 
     # inputs -------------------------------------------------------------------------------------------
@@ -285,12 +293,17 @@ def build_language_model(llm: LLMConfig, text_vocab_size: int, tokenizer=None, d
 
 
 def illume_config_for(cfg: IllumeRefConfig, language_model, encoder: SemanticEncoder, vocab: VisualVocab) -> IllumeConfig:
+    "The `IllumeConfig` of a model built from `cfg` with these parts."
+    if cfg.llm.conversation_template not in TEMPLATES:
+        raise ConfigError(f"config field 'llm.conversation_template': expected one of {TEMPLATES}, "
+                          f"got {cfg.llm.conversation_template!r}")
     tower = getattr(encoder, 'tower', None)
     return IllumeConfig(text_config=language_model.config.to_dict(), encoder=cfg.encoder.to_dict(),
                         vision_config=tower.config.to_dict() if tower is not None else None,
                         image_mean=list(encoder.image_mean), image_std=list(encoder.image_std),
                         adapter_hidden=cfg.llm.adapter_hidden, visual_vocab=vocab.to_dict(),
-                        tokens_per_image=cfg.tokenizer.tokens_per_image, context_length=cfg.llm.max_position_embeddings)
+                        tokens_per_image=cfg.tokenizer.tokens_per_image, context_length=cfg.llm.max_position_embeddings,
+                        conversation_template=cfg.llm.conversation_template)
 
 
 def build_illume(cfg: IllumeRefConfig, tokenizer=None, encoder: SemanticEncoder | None = None, seed: int | None = None):

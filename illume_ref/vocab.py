@@ -129,13 +129,20 @@ class VisualVocab:
         ids = torch.as_tensor(ids)
         return (ids >= self.first_code_id) & (ids < self.first_code_id + self.num_codes)
 
-    def code_to_token_id(self, codes):
-        "Code indices in [0, K) (int or tensor) -> token ids `T + code`."
+    def check_codes(self, codes) -> torch.Tensor:
+        "Code indices (int or tensor) as a LongTensor; a TypeError / ValueError unless they are integers in [0, K)."
         t = torch.as_tensor(codes)
-        if t.is_floating_point(): raise TypeError(f"codes must be integers, got dtype {t.dtype}")
-        if t.numel() and (t.min() < 0 or t.max() >= self.num_codes):
-            raise ValueError(f"codes must lie in [0, {self.num_codes}), got values in [{int(t.min())}, {int(t.max())}]")
-        out = t.long() + self.first_code_id
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"codes must be integers, got dtype {t.dtype}")
+        if t.numel() and t.device.type != 'meta':
+            lo, hi = torch.stack(torch.aminmax(t.flatten())).tolist()          # one copy to the host
+            if lo < 0 or hi >= self.num_codes:
+                raise ValueError(f"codes must lie in [0, {self.num_codes}), got values in [{lo}, {hi}]")
+        return t.long()
+
+    def code_to_token_id(self, codes):
+        "Code indices in [0, K) (int or tensor, checked by `check_codes`) -> token ids `T + code`."
+        out = self.check_codes(codes) + self.first_code_id
         return int(out) if isinstance(codes, int) else out
 
     def token_id_to_code(self, ids):
@@ -159,15 +166,16 @@ class VisualVocab:
         if g * g != n: raise ValueError(f"{n} codes per image do not form a square grid (row separators need one)")
         return g
 
-    def image_token_ids(self, codes: torch.Tensor) -> torch.Tensor:
+    def image_token_ids(self, codes: torch.Tensor, checked: bool = False) -> torch.Tensor:
         """Codes `(B, N)` (or `(N,)`) of G x G grids in reading order -> token ids `(B, N + G + 2)`:
-        `<img_start>`, each row's G code tokens followed by `<img_row>`, `<img_end>`."""
+        `<img_start>`, each row's G code tokens followed by `<img_row>`, `<img_end>`. `checked`: the caller has
+        range-checked the codes already (`check_codes`), so no copy to the host is made here."""
         codes = torch.as_tensor(codes)
         squeeze = codes.ndim == 1
         if squeeze: codes = codes[None]
         if codes.ndim != 2: raise ValueError(f"expected codes shaped (B, N) or (N,), got {tuple(codes.shape)}")
         B, N = codes.shape
-        ids = self.code_to_token_id(codes)
+        ids = codes.long() + self.first_code_id if checked else self.code_to_token_id(codes)
         if self.row_separator:
             G = self._grid(N)
             rows = ids.reshape(B, G, G)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
-from illume_ref.config import get_config
+from illume_ref.config import ConfigError, get_config
 from illume_ref.conversation import pretrained_toy_text_tokenizer
 from illume_ref.encoders import images_to_tensor
 from illume_ref.model import build_illume, load_illume, meta_illume, save_illume
@@ -57,9 +57,40 @@ def test_build_shapes(toy):
     assert len(tok) == v.vocab_size == m.get_input_embeddings().weight.shape[0] == m.get_output_embeddings().weight.shape[0]
     assert v.num_codes == 64 and m.image_tokens == 64
     assert m.adapter[0].in_features == m.vision_encoder.output_dim and m.adapter[2].out_features == 64
-    groups = m.param_groups()
-    assert set(groups) == {"adapter", "visual_embed", "llm", "vision_encoder"}
-    assert len(groups["visual_embed"]) == 2
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_param_groups_are_a_partition(toy, tied):
+    "Each parameter in exactly one group: an optimizer refuses a parameter in two groups (the embedding used to be)."
+    model = build_illume(toy["cfg"].override({"llm.tie_word_embeddings": True}), seed=1)[0] if tied else toy["model"]
+    groups = model.param_groups()
+    assert list(groups) == ["adapter", "vision_encoder", "embed", "llm"]
+    ids = [id(p) for ps in groups.values() for p in ps]
+    assert len(ids) == len(set(ids))                                   # no parameter twice
+    assert set(ids) == {id(p) for p in model.parameters()}             # every parameter once
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert len(groups["embed"]) == (1 if tied else 2) and all(p is emb or p is head for p in groups["embed"])
+    assert all(p is not emb and p is not head for p in groups["llm"]) and groups["llm"]
+    torch.optim.AdamW([{"params": ps, "lr": 1e-3} for ps in groups.values()])   # torch takes them as they are
+
+
+def test_the_template_travels_from_the_config(toy, tmp_path):
+    "`llm.conversation_template` is the model's: its collator lays dialogues out with it, and checkpoints keep it."
+    m, tok, ex = toy["model"], toy["tok"], toy["data"]["caption"][0]
+    assert m.template == m.config.conversation_template == "vicuna_v1"
+    plain, plain_tok = build_illume(toy["cfg"].override({"llm.conversation_template": "plain"}), seed=0)
+    assert plain.template == "plain"
+    text = plain_tok.decode(plain.collator(plain_tok)([ex], tasks="caption")["input_ids"][0])
+    assert "USER" not in text and "A chat between" not in text
+    assert "A chat between" in tok.decode(m.collator(tok)([ex], tasks="caption")["input_ids"][0])
+    save_illume(tmp_path / "plain", plain, plain_tok)
+    assert load_illume(tmp_path / "plain")[0].template == "plain"
+    import json                                                       # a checkpoint written before the field: the default
+    cfg_file = tmp_path / "plain" / "config.json"
+    saved = json.loads(cfg_file.read_text()); del saved["conversation_template"]; cfg_file.write_text(json.dumps(saved))
+    assert load_illume(tmp_path / "plain")[0].template == "vicuna_v1"
+    with pytest.raises(ConfigError, match=r"'llm.conversation_template': expected one of \('vicuna_v1', 'plain'\), got 'chatml'"):
+        build_illume(toy["cfg"].override({"llm.conversation_template": "chatml"}))
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -174,3 +174,15 @@ def test_bad_vocab_inputs():
         v.image_codes(ids[None])
     with pytest.raises(ValueError, match="needs at least 2 existing rows"):
         init_new_rows(torch.zeros(5, 4), 1)
+
+
+def test_check_codes_once_then_trust():
+    v = VisualVocab(100, 16)
+    codes = torch.randint(0, 16, (2, 16))
+    assert torch.equal(v.image_token_ids(codes, checked=True), v.image_token_ids(codes))
+    assert v.check_codes(torch.tensor([0, 15], dtype=torch.int32)).dtype == torch.long
+    with pytest.raises(ValueError, match=r"codes must lie in \[0, 16\), got values in \[-1, 3\]"):
+        v.check_codes(torch.tensor([3, -1]))
+    with pytest.raises(TypeError, match="codes must be integers, got dtype torch.bool"):
+        v.check_codes(torch.tensor([True]))
+    assert v.check_codes(torch.zeros(0, dtype=torch.long)).numel() == 0
