@@ -1,27 +1,20 @@
-"""Known-answer tests of the evaluators (notebook 09): every scorer gives the right number where it is known."""
-import base64
-import csv
-import io
-import json
-import random
+"""Known-answer tests of the toy suite (notebook 09): every scorer gives the right number where it is known, the one
+batched-call loop, seeds that do not depend on the batch size, the feature cache."""
+import dataclasses
+from collections import Counter
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+import illume_ref.evaluate as E
 from illume_ref.config import get_config
 from illume_ref.encoders import ToyViT
-from illume_ref.evaluate import (AlwaysYesModel, BlankModel, ModelLike, OracleModel, RandomModel, ToySuite,
-                                 circular_variants, emu_edit_outputs, eval_edit, eval_fid, eval_geneval,
-                                 eval_mmbench, eval_pope, eval_vqa, evaluate, extract_choice, frechet_distance,
-                                 frechet_distance_features, geneval_samples, mmbench_predictions, normalize_answer,
-                                 parse_yes_no, pope_answers, pope_metrics, random_circular_accuracy,
-                                 read_mmbench, read_records, report_markdown, score_geneval_folder, score_mmbench,
-                                 score_pope, toy_geneval_metadata, toy_suite)
-from illume_ref.toyworld import render, sample_scene
-from illume_ref.oracle import detect_scene
-from illume_ref.captions import make_caption
+from illume_ref.evaluate import (GENEVAL_CATEGORIES, AlwaysYesModel, BlankModel, ModelLike, OracleModel, RandomModel,
+                                 SectionSkipped, call_answer, call_edit, call_generate, circular_variants, encoder_tokens,
+                                 eval_edit, eval_fid, eval_geneval, eval_mmbench, eval_pope, eval_vqa, evaluate_toy,
+                                 extract_choice, frechet_distance, frechet_distance_features, image_or_reason,
+                                 normalize_answer, parse_yes_no, pope_metrics, random_circular_accuracy, toy_suite)
 from illume_ref.tasks import POPE_VARIANTS
 
 SMALL = {'eval.pope_per_split': 10, 'eval.mmbench_questions': 24, 'eval.vqa_questions': 24,
@@ -126,15 +119,22 @@ def test_geneval_known_answers(suite):
 
 def test_geneval_overall_is_mean_of_categories(suite):
     class HalfOracle(OracleModel):  # perfect on even prompts, blank on odd ones
-        def generate(self, prompts, num_images=1, seed=0):
+        def generate(self, prompts, num_images=1, seed=0, first_prompt=0):
             good = super().generate(prompts, num_images, seed)
             return [g if self.index[p] % 2 == 0 else BlankModel().generate([p], num_images)[0] for p, g in zip(prompts, good)]
-    m = HalfOracle(suite); m.index = {it['prompt']: i for i, it in enumerate(suite.geneval)}
-    r = eval_geneval(m, suite, 2)
+    # categories of unequal size (3 single_object prompts, 1 of every other), so that the mean over images and
+    # the mean over categories differ: GenEval's overall is the latter
+    keep, counts, items = {c: 3 if c == 'single_object' else 1 for c in GENEVAL_CATEGORIES}, Counter(), []
+    for it in suite.geneval:
+        if counts[it['category']] < keep[it['category']]: items.append(it); counts[it['category']] += 1
+    s = dataclasses.replace(suite, geneval=items, cache={})
+    m = HalfOracle(s); m.index = {it['prompt']: i for i, it in enumerate(items)}
+    r = eval_geneval(m, s, 2)
     cats = r['categories']
-    assert r['overall'] == pytest.approx(np.mean(list(cats.values())))
-    expected = {c: np.mean([i % 2 == 0 for i, it in enumerate(suite.geneval) if it['category'] == c]) for c in cats}
+    expected = {c: np.mean([i % 2 == 0 for i, it in enumerate(items) if it['category'] == c]) for c in GENEVAL_CATEGORIES}
     assert cats == pytest.approx(expected)
+    per_image = np.mean([i % 2 == 0 for i in range(len(items))])
+    assert r['overall'] == pytest.approx(np.mean(list(expected.values()))) and abs(per_image - r['overall']) > 0.05
 
 
 def test_geneval_unreadable_images_are_counted_failures(suite):
@@ -178,219 +178,22 @@ def test_edit_known_answers(suite, encoder):
     assert (r['clip_i'], r['dino'], r['exact_success']) == (pytest.approx(1.0), pytest.approx(1.0), 0.0)
 
 
-# ---- evaluate --------------------------------------------------------------------------------------------
-def test_evaluate_writes_metrics_report_and_plots(tmp_path, cfg, suite, encoder):
-    m = evaluate(OracleModel(suite), suite, cfg, out_dir=tmp_path, encoder=encoder)
-    h = m['headline']
-    assert (h['POPE'], h['MMBench'], h['VQA'], h['GenEval overall'], h['edit success']) == (100, 100, 100, 1, 1)
-    assert {'metrics.json', 'report.md', 'categories.png'} <= {p.name for p in tmp_path.iterdir()}
-    saved = json.loads((tmp_path / 'metrics.json').read_text())
-    assert saved['headline']['POPE'] == 100 and saved['paper']['table3']['POPE'] == 88.5
-    md = (tmp_path / 'report.md').read_text()
-    for s in ('Table 3', 'Table 4', 'Table 6', '88.5', '75.1', '0.61', '7.76', '0.879', 'toy world', 'real benchmarks'):
-        assert s in md
-
-
-def test_evaluate_reports_skipped_sections(tmp_path, cfg, suite, encoder):
-    class UnderstandOnly:
-        def answer(self, images, questions): return ['yes'] * len(questions)
-        def generate(self, prompts, num_images=1, seed=0): raise NotImplementedError('no image head')
-    m = evaluate(UnderstandOnly(), suite, cfg, out_dir=tmp_path, encoder=encoder)
-    assert 'pope' in m and 'geneval' not in m
-    assert list(m['skipped']['geneval'].values()) == [len(suite.geneval)]
-    assert 'has no edit() method' in next(iter(m['skipped']['edit']))
-    assert 'geneval' in (tmp_path / 'report.md').read_text().split('Skipped')[1]
-
-
 def test_doubles_satisfy_protocol(suite):
     for m in (OracleModel(suite), AlwaysYesModel(), RandomModel(), BlankModel()):
         assert isinstance(m, ModelLike)
 
 
-# ---- real-benchmark adapters -----------------------------------------------------------------------------
-def _pope_files(tmp_path, n=6, missing=(3,)):
-    (tmp_path / 'img').mkdir()
-    rng = random.Random(0)
-    with open(tmp_path / 'q.jsonl', 'w') as fh:
-        for i in range(n):
-            sc = sample_scene(rng)
-            if i not in missing: render(sc).save(tmp_path / 'img' / f'COCO_{i}.jpg')
-            fh.write(json.dumps({'question_id': i, 'image': f'COCO_{i}.jpg', 'text': 'Is there a red circle in the image?',
-                                 'label': ['yes', 'no'][i % 2], 'category': POPE_VARIANTS[i % 3]}) + '\n')
-    return tmp_path / 'q.jsonl', tmp_path / 'img'
-
-
-def test_pope_adapter_round_trip(tmp_path):
-    q, img = _pope_files(tmp_path)
-    s = pope_answers(AlwaysYesModel(), q, img, tmp_path / 'out' / 'answers.jsonl', model_id='m')
-    assert s['written'] == 5 and s['skipped'] == {'missing image': 1} and 'q.jsonl:4' in s['skipped_items'][0]
-    lines = [json.loads(l) for l in (tmp_path / 'out' / 'answers.jsonl').read_text().splitlines()]
-    assert set(lines[0]) >= {'question_id', 'prompt', 'text', 'answer_id', 'model_id'} and lines[0]['model_id'] == 'm'
-    sc = score_pope(tmp_path / 'out' / 'answers.jsonl', q)
-    assert sc['all']['yes_ratio'] == 1.0 and sc['unanswered'] == 1 and set(POPE_VARIANTS) <= set(sc)
-
-
-@pytest.mark.parametrize('content,match', [('', 'is empty'), ('{"question_id": 1, "image": "a", "text": "t"}\nnot json\n', r'q.jsonl:2'),
-                                           ('{"question_id": 1, "text": "t"}\n', r"q.jsonl:1: record lacks 'image'")])
-def test_pope_adapter_bad_input(tmp_path, content, match):
-    (tmp_path / 'q.jsonl').write_text(content)
-    with pytest.raises(ValueError, match=match):
-        pope_answers(AlwaysYesModel(), tmp_path / 'q.jsonl', tmp_path, tmp_path / 'a.jsonl')
-
-
-def _b64(img):
-    buf = io.BytesIO(); img.save(buf, format='PNG'); return base64.b64encode(buf.getvalue()).decode()
-
-
-def test_mmbench_adapter(tmp_path, suite):
-    cols = ['index', 'question', 'hint', 'A', 'B', 'C', 'D', 'answer', 'category', 'l2-category', 'image']
-    items = suite.mmbench[:3]
-    with open(tmp_path / 'mmb.tsv', 'w', newline='') as fh:
-        w = csv.writer(fh, delimiter='\t'); w.writerow(cols)
-        for i, it in enumerate(items):
-            w.writerow([i, it['question'], 'nan', *it['options'], it['answer'], it['qtype'], 'toy', _b64(render(it['scene'])) if i < 2 else '!!'])
-    s = mmbench_predictions(_Constant('B'), tmp_path / 'mmb.tsv', tmp_path / 'pred.tsv', circular=True)
-    assert s['written'] == 8 and sum(s['skipped'].values()) == 1 and 'mmb.tsv:4' in s['skipped_items'][0]
-    rows = list(csv.DictReader(open(tmp_path / 'pred.tsv'), delimiter='\t'))
-    assert 'prediction' in rows[0] and 'image' not in rows[0]
-    assert sorted(int(r['index']) for r in rows) == [0, 1, 1000000, 1000001, 2000000, 2000001, 3000000, 3000001]
-    assert score_mmbench(tmp_path / 'pred.tsv')['circular_accuracy'] == 0.0   # a constant letter never survives
-    one = mmbench_predictions(_Constant('B'), tmp_path / 'mmb.tsv', tmp_path / 'pred1.tsv')
-    assert one['written'] == 2
-
-
-def test_geneval_adapter_layout_and_oracle_round_trip(tmp_path, suite):
-    meta = toy_geneval_metadata(suite.geneval)
-    assert {'tag', 'include', 'prompt'} <= set(meta[0])
-    (tmp_path / 'meta.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in meta))
-    s = geneval_samples(OracleModel(suite), tmp_path / 'meta.jsonl', tmp_path / 'out', n_samples=2)
-    assert s['written'] == 2 * len(meta)
-    assert json.loads((tmp_path / 'out' / '00001' / 'metadata.jsonl').read_text()) == meta[1]
-    assert sorted(p.name for p in (tmp_path / 'out' / '00000' / 'samples').iterdir()) == ['00000.png', '00001.png']
-    assert score_geneval_folder(tmp_path / 'out')['overall'] == 1.0
-    geneval_samples(BlankModel(), tmp_path / 'meta.jsonl', tmp_path / 'blank', n_samples=1)
-    assert score_geneval_folder(tmp_path / 'blank')['overall'] == 0.0
-    (tmp_path / 'empty.jsonl').write_text('\n')
-    with pytest.raises(ValueError, match='empty'):
-        geneval_samples(BlankModel(), tmp_path / 'empty.jsonl', tmp_path / 'x')
-
-
-def test_emu_edit_adapter(tmp_path, suite):
-    (tmp_path / 'src').mkdir()
-    with open(tmp_path / 'emu.jsonl', 'w') as fh:
-        for i, it in enumerate(suite.edit[:4]):
-            if i != 1: render(it['source']).save(tmp_path / 'src' / f'{i}.png')
-            fh.write(json.dumps({'idx': 10 + i, 'instruction': it['instruction'], 'input_caption': make_caption(it['source'], 'descriptive'),
-                                 'output_caption': make_caption(it['target'], 'descriptive'), 'image': f'{i}.png'}) + '\n')
-    (tmp_path / 'src' / '3.png').write_bytes(b'not a png')
-    s = emu_edit_outputs(OracleModel(suite), tmp_path / 'emu.jsonl', tmp_path / 'src', tmp_path / 'out')
-    assert s['written'] == 2 and s['skipped'] == {'missing image': 1, 'unreadable image': 1}
-    assert any('3.png' in w and 'cannot identify image file' in w for w in s['skipped_items'])
-    assert detect_scene(Image.open(tmp_path / 'out' / '10.png')) == suite.edit[0]['target']
-    assert len((tmp_path / 'out' / 'outputs.jsonl').read_text().splitlines()) == 2
-
-
-def test_evaluate_real_suite(tmp_path):
-    q, img = _pope_files(tmp_path, missing=())
-    m = evaluate(AlwaysYesModel(), 'real', out_dir=tmp_path / 'run', pope=(q, img))
-    assert m['suite'] == 'real' and m['pope']['average']['accuracy'] == 0.5
-    assert (tmp_path / 'run' / 'metrics.json').exists() and 'POPE' in (tmp_path / 'run' / 'report.md').read_text()
-    with pytest.raises(ValueError, match='needs at least one'):
-        evaluate(AlwaysYesModel(), 'real', out_dir=tmp_path / 'run2')
-
-
-# ---- review fixes: circular copies, option letters, stale samples, feature cache, 'no' ------------------
-def _official_mmbench(path, items):
-    "An MMBench TSV as the official files are: the rotated copies are rows already (index + k x 1e6, image a reference)."
-    cols = ['index', 'question', 'hint', 'A', 'B', 'C', 'D', 'answer', 'category', 'l2-category', 'image']
-    with open(path, 'w', newline='') as fh:
-        w = csv.writer(fh, delimiter='\t'); w.writerow(cols)
-        for i, it in enumerate(items):
-            for k, (opts, ans) in enumerate(circular_variants(it['options'], it['answer'])):
-                w.writerow([i + k * 1_000_000, it['question'], 'nan', *opts, ans, it['qtype'], 'toy',
-                            _b64(render(it['scene'])) if k == 0 else str(i)])
-    return path
-
-
-def test_mmbench_file_with_circular_copies_is_not_rotated_again(tmp_path, suite):
-    items = suite.mmbench[:3]
-    tsv = _official_mmbench(tmp_path / 'dev.tsv', items)
-    s = mmbench_predictions(_Constant('B'), tsv, tmp_path / 'pred.tsv', circular=True)
-    assert (s['rows'], s['written'], s['circular_copies']) == (12, 12, 'in the file')
-    idx = [int(r['index']) for r in csv.DictReader(open(tmp_path / 'pred.tsv'), delimiter='\t')]
-    assert len(idx) == len(set(idx)) == 12 and sorted(idx) == sorted(i + k * 1_000_000 for i in range(3) for k in range(4))
-    assert score_mmbench(tmp_path / 'pred.tsv')['n_questions'] == 3
-    # evaluate_real (which asks for circular=True) writes the same 12 rows
-    m = evaluate(_Constant('B'), 'real', out_dir=tmp_path / 'run', mmbench=tsv)
-    assert (m['mmbench']['written'], m['mmbench']['n_rows'], m['mmbench']['n_questions']) == (12, 12, 3)
-
-
-def test_read_mmbench_keeps_letters_of_options_after_an_empty_one(tmp_path):
-    from illume_ref.evaluate import read_mmbench
-    (tmp_path / 'm.tsv').write_text('index\tquestion\tA\tB\tC\tD\n0\tq\tx\tnan\tz\t\n1\tq\tx\ty\tNone\t\n')
-    rows = read_mmbench(tmp_path / 'm.tsv')
-    assert [r['options'] for _, r in rows] == [['x', '', 'z'], ['x', 'y']]
-    assert extract_choice('z', ['x', '', 'z']) == 'C' and extract_choice('', ['x', '', 'z']) is None
-
-
-def test_geneval_refuses_a_non_empty_folder_and_keeps_it(tmp_path, suite):
-    meta = toy_geneval_metadata(suite.geneval[:2])
-    (tmp_path / 'meta.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in meta))
-    geneval_samples(OracleModel(suite), tmp_path / 'meta.jsonl', tmp_path / 'out', n_samples=1)
-    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / 'out').rglob('*'))
-    with pytest.raises(FileExistsError, match=r"GenEval samples folder '.*out' is not empty"):
-        geneval_samples(BlankModel(), tmp_path / 'meta.jsonl', tmp_path / 'out', n_samples=1)
-    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / 'out').rglob('*')) == before
-    assert score_geneval_folder(tmp_path / 'out')['overall'] == 1.0              # the oracle's samples, untouched
-    (tmp_path / 'empty').mkdir()
-    assert geneval_samples(BlankModel(), tmp_path / 'meta.jsonl', tmp_path / 'empty', n_samples=1)['written'] == 2
-    (tmp_path / 'run' / 'geneval').mkdir(parents=True); (tmp_path / 'run' / 'geneval' / 'old.txt').write_text('x')
-    with pytest.raises(FileExistsError, match='is not empty'):
-        evaluate(AlwaysYesModel(), 'real', out_dir=tmp_path / 'run', geneval=tmp_path / 'meta.jsonl')
-    assert not (tmp_path / 'run' / 'metrics.json').exists()
-
-
 def test_feature_cache_is_tied_to_the_encoder_object(suite, encoder):
-    images = [suite.render(it['scene']) for it in suite.fid[:3]]
+    scenes = [it['scene'] for it in suite.fid[:3]]
     suite.cache[('probe', id(encoder))] = (object(), np.zeros((1, 1, 1)))     # what a freed object with this id left
-    f = suite.features('probe', encoder, images)
+    f = suite.features('probe', encoder, scenes)
     assert f.shape[0] == 3 and suite.cache[('probe', id(encoder))][0] is encoder
-    assert suite.features('probe', encoder, images) is f                          # a real hit is reused
+    assert suite.features('probe', encoder, scenes) is f                          # a real hit is reused
     del suite.cache[('probe', id(encoder))]
 
 
 def test_no_is_not_zero():
     assert [normalize_answer(t) for t in ['No', 'no.', 'none', 'zero', 'No, none']] == ['no', 'no', '0', '0', 'no 0']
-
-
-# ---- bad input to the real-benchmark readers: refused by name (file:line, field, expected vs got) ----------------
-def _jsonl(path, recs):
-    path.write_text(''.join(json.dumps(r) + '\n' for r in recs)); return path
-
-
-class _Recorder:
-    "Answers 'yes' and keeps the images it was shown."
-    def __init__(self): self.images = []
-    def answer(self, images, questions): self.images += images; return ['yes'] * len(images)
-
-
-def _pope_q(tmp_path, labels=('yes', 'no', 'yes'), ids=(1, 2, 3)):
-    (tmp_path / 'img').mkdir(exist_ok=True)
-    render(sample_scene(0)).save(tmp_path / 'img' / 'a.png')
-    return _jsonl(tmp_path / 'q.jsonl', [{'question_id': i, 'image': 'a.png', 'text': 'Is there a red star?', 'label': l}
-                                         for i, l in zip(ids, labels)])
-
-
-def test_pope_labels_must_be_yes_or_no(tmp_path):
-    q = _pope_q(tmp_path, labels=('yes', ' NO ', 'true'))
-    _jsonl(tmp_path / 'a.jsonl', [{'question_id': i, 'text': 'No.'} for i in (1, 2, 3)])
-    with pytest.raises(ValueError, match=r"q\.jsonl:3: label 'true': expected 'yes' or 'no'"): score_pope(tmp_path / 'a.jsonl', q)
-    rec = _Recorder()
-    with pytest.raises(ValueError, match=r"q\.jsonl:3: label 'true'"): pope_answers(rec, q, tmp_path / 'img', tmp_path / 'x.jsonl')
-    assert rec.images == [] and not (tmp_path / 'x.jsonl').exists()              # refused before the model runs
-    with pytest.raises(ValueError, match=r"labels\[1\]: label 'maybe'"): pope_metrics(['yes', 'no'], ['yes', 'maybe'])
-    q = _pope_q(tmp_path, labels=('yes', ' NO ', 'Yes'))                          # case and spaces do not matter
-    assert score_pope(tmp_path / 'a.jsonl', q)['all']['tn'] == 1
 
 
 def test_parse_yes_no_rule_is_the_documented_one():
@@ -401,177 +204,119 @@ def test_parse_yes_no_rule_is_the_documented_one():
     assert pope_metrics(['It isn\u2019t.'], ['no'])['tn'] == 1
 
 
-def test_pope_duplicate_ids_name_both_lines(tmp_path):
-    q = _pope_q(tmp_path, ids=(1, 2, '1'))
-    with pytest.raises(ValueError, match=r"q\.jsonl:3: duplicate question_id '1' \(line 1 has 1\)"):
-        pope_answers(AlwaysYesModel(), q, tmp_path / 'img', tmp_path / 'x.jsonl')
-    q = _pope_q(tmp_path)
-    _jsonl(tmp_path / 'a.jsonl', [{'question_id': 1, 'text': 'yes'}, {'question_id': 2, 'text': 'no'}, {'question_id': 2, 'text': 'yes'}])
-    with pytest.raises(ValueError, match=r"a\.jsonl:3: duplicate question_id 2 \(line 2 has 2\)"): score_pope(tmp_path / 'a.jsonl', q)
+# ---- one batched-call loop: seeds, settings, contracts ------------------------------------------------------
+class _Draws:
+    "Returns, for prompt i of a batch, the (seed, index) it was told to draw from; records every call's keywords."
+    def __init__(self): self.calls = []
+    def generate(self, prompts, num_images=1, seed=0, first_prompt=0, cfg_scale=None):
+        self.calls.append({'n': len(prompts), 'seed': seed, 'first_prompt': first_prompt, 'cfg_scale': cfg_scale})
+        return [[(seed, first_prompt + i, j) for j in range(num_images)] for i in range(len(prompts))]
+    def edit(self, images, instructions, seed=0, first_prompt=0):
+        self.calls.append({'n': len(images), 'seed': seed, 'first_prompt': first_prompt})
+        return [(seed, first_prompt + i) for i in range(len(images))]
 
 
-def test_pope_ids_match_by_key_not_by_type(tmp_path):
-    q = _pope_q(tmp_path, ids=(1, 2, 3))
-    _jsonl(tmp_path / 'a.jsonl', [{'question_id': '1', 'text': 'yes'}, {'question_id': ' 2', 'text': 'no'}, {'question_id': 3, 'text': 'yes'}])
-    sc = score_pope(tmp_path / 'a.jsonl', q)
-    assert sc['unanswered'] == 0 and sc['all']['accuracy'] == 1.0
-    _jsonl(tmp_path / 'a.jsonl', [{'question_id': '1', 'text': 'yes'}, {'question_id': 9, 'text': 'no'}])
-    with pytest.raises(ValueError, match=r"a\.jsonl:2: question_id 9 is not in"): score_pope(tmp_path / 'a.jsonl', q)
+def test_generate_and_edit_draws_do_not_depend_on_batch_size():
+    m = _Draws()
+    runs = [call_generate(m, list('abcdefg'), 2, seed=11, batch_size=b) for b in (1, 3, 7, 32)]
+    assert all(r == runs[0] for r in runs) and runs[0][5] == [(11, 5, 0), (11, 5, 1)]
+    assert {c['seed'] for c in m.calls} == {11}                                  # the seed itself never moves
+    assert [c['first_prompt'] for c in m.calls[7:10]] == [0, 3, 6]              # batch 3: where each batch starts
+    edits = [call_edit(m, [None] * 5, ['x'] * 5, seed=2, batch_size=b) for b in (2, 5)]
+    assert edits[0] == edits[1] == [(2, i) for i in range(5)]
 
 
-@pytest.mark.parametrize('field,value,expected', [('text', 5, 'a string'), ('question_id', [1], 'an integer or a string'),
-                                                  ('image', None, 'a string'), ('label', True, 'a string'),
-                                                  ('category', ['random'], 'a string')])
-def test_read_records_checks_field_types(tmp_path, field, value, expected):
-    q = _pope_q(tmp_path)
-    recs = [json.loads(l) for l in q.read_text().splitlines()]
-    recs[1][field] = value
-    _jsonl(q, recs)
-    with pytest.raises(ValueError, match=rf"q\.jsonl:2: field '{field}' must be {expected}, got "):
-        pope_answers(AlwaysYesModel(), q, tmp_path / 'img', tmp_path / 'x.jsonl')
-    recs[1][field] = 'x' if field != 'question_id' else 2
-    recs[1].pop('category', None); recs[2]['category'] = None                     # an optional field may be absent or null
-    _jsonl(q, recs)
-    assert read_records(q, ('question_id', 'text'), ('category',))[2][0] == 3
+def test_a_model_without_first_prompt_gets_seed_plus_start():
+    class Old:
+        def __init__(self): self.seeds = []
+        def generate(self, prompts, num_images=1, seed=0): self.seeds.append(seed); return [[seed]] * len(prompts)
+    m = Old()
+    assert call_generate(m, list('abcde'), 1, seed=100, batch_size=2) == [[100], [100], [102], [102], [104]]
+    assert m.seeds == [100, 102, 104]
 
 
-def test_read_records_json_list_keeps_line_numbers(tmp_path):
-    (tmp_path / 'e.json').write_text('[\n  {"instruction": "a"},\n  {"instruction":\n     2}\n]\n')
-    with pytest.raises(ValueError, match=r"e\.json:3: field 'instruction' must be a string, got an integer 2"):
-        read_records(tmp_path / 'e.json', ('instruction',))
-    (tmp_path / 'e.json').write_text('[{"instruction": "a"}\n {"instruction": "b"}]')
-    with pytest.raises(ValueError, match=r"e\.json:2: malformed JSON \(expected ',' or '\]'"): read_records(tmp_path / 'e.json')
-    (tmp_path / 'e.json').write_text('[{"instruction": "a"},\n{"instruction": "b"}]\n')
-    assert [n for n, _ in read_records(tmp_path / 'e.json')] == [1, 2]
+def test_settings_reach_only_methods_that_take_them(cfg, suite, encoder):
+    m = _Draws()
+    call_generate(m, ['a', 'b'], 1, seed=0, cfg_scale=4.5); call_edit(m, [None], ['x'], seed=0, cfg_scale=4.5)
+    assert m.calls[0]['cfg_scale'] == 4.5 and 'cfg_scale' not in m.calls[1]     # edit() does not take it
+    call_generate(m, ['a'], 1, seed=0, cfg_scale=None)
+    assert m.calls[-1]['cfg_scale'] is None                                       # None is not passed: the default stays
+
+    class Recorder(OracleModel):
+        def generate(self, prompts, num_images=1, seed=0, first_prompt=0, cfg_scale=None):
+            self.seen.append((seed, cfg_scale)); return super().generate(prompts, num_images, seed, first_prompt)
+    r = Recorder(suite); r.seen = []
+    evaluate_toy(r, suite, cfg.override({'eval.cfg_scale': 1.5, 'eval.seed': 77}), encoder, sections=['geneval'])
+    assert set(r.seen) == {(77, 1.5)}                                             # read from cfg.eval
 
 
-def test_every_reader_names_a_non_utf8_file(tmp_path, suite):
-    bad = b'{"question_id": 1, "image": "a.png", "text": "caf\xe9", "label": "yes"}\n'
-    (tmp_path / 'q.jsonl').write_bytes(bad)
-    msg = r"is not UTF-8 text: byte 0xe9 at offset \d+ \(line 1\)"
-    with pytest.raises(ValueError, match=r"q\.jsonl' " + msg): pope_answers(AlwaysYesModel(), tmp_path / 'q.jsonl', tmp_path, tmp_path / 'a.jsonl')
-    with pytest.raises(ValueError, match=r"q\.jsonl' " + msg): score_pope(tmp_path / 'q.jsonl', tmp_path / 'q.jsonl')
-    (tmp_path / 'm.tsv').write_bytes('index\tquestion\tA\tB\n0\tcaf\u00e9?\tx\ty\n'.encode('latin-1'))
-    with pytest.raises(ValueError, match=r"m\.tsv' is not UTF-8 text: byte 0xe9 at offset \d+ \(line 2\)"):
-        mmbench_predictions(AlwaysYesModel(), tmp_path / 'm.tsv', tmp_path / 'p.tsv')
-    (tmp_path / 'g.jsonl').write_bytes(b'{"tag": "x", "include": [], "prompt": "caf\xe9"}\n')
-    with pytest.raises(ValueError, match=r"g\.jsonl' " + msg): geneval_samples(BlankModel(), tmp_path / 'g.jsonl', tmp_path / 'g')
-    (tmp_path / 'e.jsonl').write_bytes(b'{"instruction": "caf\xe9", "image": "a.png"}\n')
-    with pytest.raises(ValueError, match=r"e\.jsonl' " + msg): emu_edit_outputs(OracleModel(suite), tmp_path / 'e.jsonl', tmp_path, tmp_path / 'o')
-    (tmp_path / 'f' / '00000').mkdir(parents=True)
-    (tmp_path / 'f' / '00000' / 'metadata.jsonl').write_bytes(b'{"tag": "caf\xe9", "include": []}')
-    with pytest.raises(ValueError, match=r"00000/metadata\.jsonl' " + msg): score_geneval_folder(tmp_path / 'f')
+def test_toy_scores_do_not_depend_on_batch_size(cfg, suite, encoder):
+    runs = [evaluate_toy(RandomModel(seed=4), suite, cfg.override({'eval.batch_size': b}), encoder,
+                         sections=['geneval', 'fid', 'edit']) for b in (1, 5, 64)]
+    for sec in ('geneval', 'fid', 'edit'): assert runs[0][sec] == runs[1][sec] == runs[2][sec], sec
+    # and the stand-in models draw a different scene for each prompt index (the draws are not all one)
+    imgs = RandomModel().generate(['p'] * 4, seed=0)
+    assert len({E.image_key(g[0]) for g in imgs}) > 1 and E.image_key(RandomModel().generate(['p'], seed=0, first_prompt=2)[0][0]) == E.image_key(imgs[2][0])
 
 
-def test_readers_drop_a_byte_order_mark(tmp_path):
-    (tmp_path / 'm.tsv').write_bytes(b'\xef\xbb\xbfindex\tquestion\tA\tB\n0\tq\tx\ty\n')
-    assert read_mmbench(tmp_path / 'm.tsv')[0][1]['options'] == ['x', 'y']
+def test_call_contracts_and_skips():
+    class Half:
+        def answer(self, images, questions): return ['yes'][:len(questions) - 1]
+        def edit(self, images, instructions, seed=0): raise NotImplementedError('no image head')
+    with pytest.raises(ValueError, match=r'Half\.answer returned 1 answers for 2 questions'): call_answer(Half(), [None] * 2, ['q'] * 2)
+    with pytest.raises(SectionSkipped, match=r'Half\.edit is not implemented: no image head'): call_edit(Half(), [None], ['x'], 0)
+    with pytest.raises(SectionSkipped, match=r'Half has no generate\(\) method'): call_generate(Half(), ['p'], 1, 0)
+    assert call_answer(type('Nones', (), {'answer': lambda self, i, q: [None, 3]})(), [None] * 2, ['q'] * 2) == ['', '3']
 
 
-def test_adapters_read_images_like_core_open_image(tmp_path):
-    from illume_ref.toyworld import BACKGROUND
-    (tmp_path / 'img').mkdir()
-    Image.fromarray(np.full((16, 16), 32768, np.uint16)).save(tmp_path / 'img' / 'grey16.png')
-    Image.new('RGBA', (16, 16), (0, 0, 0, 0)).save(tmp_path / 'img' / 'clear.png')
-    Image.new('RGB', (1, 1)).save(tmp_path / 'img' / 'dot.png')
-    (tmp_path / 'img' / 'notes.png').write_text('not an image')
-    names = ['grey16.png', 'clear.png', 'dot.png', 'notes.png', 'gone.png']
-    q = _jsonl(tmp_path / 'q.jsonl', [{'question_id': i, 'image': n, 'text': 'Is there a star?'} for i, n in enumerate(names)])
-    rec = _Recorder()
-    s = pope_answers(rec, q, tmp_path / 'img', tmp_path / 'a.jsonl')
-    assert [im.getpixel((0, 0)) for im in rec.images] == [(128, 128, 128), BACKGROUND]   # 16-bit scaled, alpha on the canvas
-    assert s['skipped'] == {'image too small': 1, 'unreadable image': 1, 'missing image': 1}
-    assert [w.split(': ', 1)[0] for w in s['skipped_items']] == [f"{q}:3 (dot.png)", f"{q}:4 (notes.png)", f"{q}:5 (gone.png)"]
-    assert '1x1 px' in s['skipped_items'][0]
+def test_image_or_reason_is_the_one_conversion(suite, encoder):
+    assert image_or_reason(None) == (None, 'no image returned')
+    assert image_or_reason(np.zeros(5)) == (None, 'unreadable image (ValueError)')
+    assert image_or_reason('not an image') == (None, 'unreadable image (ValueError)')
+    im, why = image_or_reason(np.full((10, 20, 3), 0.5), (16, 16))
+    assert why is None and im.size == (16, 16) and im.mode == 'RGB'
+
+    class Bad(OracleModel):      # every other image missing or not an image
+        def generate(self, prompts, num_images=1, seed=0, first_prompt=0):
+            good = super().generate(prompts, num_images, seed, first_prompt)
+            return [g if (first_prompt + i) % 2 == 0 else [np.zeros(5)] * num_images for i, g in enumerate(good)]
+        def edit(self, images, instructions, seed=0, first_prompt=0):
+            return [e if i % 3 else None for i, e in enumerate(super().edit(images, instructions, seed, first_prompt))]
+    f = eval_fid(Bad(suite), suite, encoder)
+    assert f['skipped'] == {'unreadable image (ValueError)': len(suite.fid) // 2} and f['n_generated'] == len(suite.fid) - len(suite.fid) // 2
+    e = eval_edit(Bad(suite), suite, encoder)
+    n_none = len(range(0, len(suite.edit), 3))
+    assert e['skipped'] == {'no image returned (scored 0)': n_none}
+    assert e['exact_success'] == pytest.approx(1 - n_none / len(suite.edit))
 
 
-def test_evaluate_has_one_open_image():
-    import illume_ref.core as core
-    import illume_ref.evaluate as ev
-    assert 'open_image' not in ev.__all__ and getattr(ev, 'open_image', core.open_image) is core.open_image
+def test_fid_and_edit_use_the_cache_before_rendering(cfg, encoder, monkeypatch):
+    s = toy_suite(cfg)
+    calls = []
+    real_render_batch = E.render_batch
+    monkeypatch.setattr(E, 'render_batch', lambda scenes, *a, **k: calls.append(len(scenes)) or real_render_batch(scenes, *a, **k))
+    first = eval_fid(OracleModel(s), s, encoder), eval_edit(OracleModel(s), s, encoder)
+    assert sum(calls) == len(s.fid) + 2 * len(s.edit)                           # real FID set, edit sources, edit targets
+    calls.clear()
+    again = eval_fid(OracleModel(s), s, encoder), eval_edit(OracleModel(s), s, encoder)
+    assert calls == [] and again[0]['fd'] == first[0]['fd'] and again[1]['clip_t'] == first[1]['clip_t']
+    other = ToyViT(cfg.encoder).eval()                                             # another encoder: computed again
+    eval_fid(OracleModel(s), s, other)
+    assert sum(calls) == len(s.fid)
 
 
-def _mmb(path, rows, cols=('index', 'question', 'A', 'B', 'C', 'D', 'answer', 'image')):
-    with open(path, 'w', newline='') as fh:
-        w = csv.writer(fh, delimiter='\t'); w.writerow(cols); w.writerows(rows)
-    return path
+def test_scene_batches_and_pil_images_give_the_same_features(suite, encoder):
+    scenes = [it['scene'] for it in suite.fid[:5]]
+    from illume_ref.toyworld import render_batch
+    a = encoder_tokens(encoder, render_batch(scenes, suite.image_size, suite.antialias), batch_size=2)
+    b = encoder_tokens(encoder, [suite.render(sc) for sc in scenes], batch_size=3)
+    assert a.shape == b.shape and np.abs(a - b).max() < 1e-5
+    with pytest.raises(ValueError, match='at least one image'): encoder_tokens(encoder, [])
 
 
-def test_mmbench_rows_are_checked(tmp_path, suite):
-    img = _b64(render(suite.mmbench[0]['scene']))
-    ok = ['q', 'x', 'y', 'z', 'w', 'B', img]
-    with pytest.raises(ValueError, match=r"m\.tsv:3: field 'index' must be an integer, got 'one'"):
-        read_mmbench(_mmb(tmp_path / 'm.tsv', [[0, *ok], ['one', *ok]]))
-    with pytest.raises(ValueError, match=r"m\.tsv:4: duplicate index '0' \(line 2 has '0'\)"):
-        read_mmbench(_mmb(tmp_path / 'm.tsv', [[0, *ok], [1, *ok], ['0', *ok]]))
-    with pytest.raises(ValueError, match=r"m\.tsv:2: field 'answer' must be one of A, B, C, got 'D'"):
-        read_mmbench(_mmb(tmp_path / 'm.tsv', [[0, 'q', 'x', 'y', 'z', '', 'D', img]]))
-    with pytest.raises(ValueError, match=r"m\.tsv:2: field 'answer' must be one of A, B, C, D, got 'AB'"):
-        read_mmbench(_mmb(tmp_path / 'm.tsv', [[0, 'q', 'x', 'y', 'z', 'w', 'AB', img]]))
-    with pytest.raises(ValueError, match=r"m\.tsv:2: expected at least the options A and B"):
-        read_mmbench(_mmb(tmp_path / 'm.tsv', [[0, 'q', 'x', '', '', '', '', img]]))
-
-
-def test_mmbench_test_split_and_image_references(tmp_path, suite):
-    img = _b64(render(suite.mmbench[0]['scene']))
-    cols = ('index', 'question', 'A', 'B', 'C', 'D', 'image')            # the test split has no answer column
-    tsv = _mmb(tmp_path / 't.tsv', [[0, 'q', 'x', 'y', 'z', 'w', img], [1, 'q', 'x', 'y', 'z', 'w', '00'], [2, 'q', 'x', 'y', 'z', 'w', '7']], cols)
-    s = mmbench_predictions(_Constant('B'), tsv, tmp_path / 'p.tsv', circular=True)
-    assert (s['written'], s['skipped']) == (2, {'missing image': 1})             # '00' is index 0's image; 7 is no row
-    assert 'refers to index 7, not in the file' in s['skipped_items'][0]
-    with pytest.raises(ValueError, match=r"p\.tsv:1: no 'answer' column to score"): score_mmbench(tmp_path / 'p.tsv')
-
-
-def test_score_mmbench_needs_answers_and_predictions(tmp_path):
-    p = _mmb(tmp_path / 'p.tsv', [[0, 'q', 'x', 'y', 'z', 'w', 'A', 'A'], [1, 'q', 'x', 'y', 'z', 'w', 'nan', 'A']],
-             ('index', 'question', 'A', 'B', 'C', 'D', 'answer', 'prediction'))
-    with pytest.raises(ValueError, match=r"p\.tsv:3: no answer to score against"): score_mmbench(p)
-    p = _mmb(tmp_path / 'p.tsv', [[0, 'q', 'x', 'y', 'z', 'w', 'A']], ('index', 'question', 'A', 'B', 'C', 'D', 'answer'))
-    with pytest.raises(ValueError, match=r"p\.tsv:1: no 'prediction' column"): score_mmbench(p)
-
-
-@pytest.mark.parametrize('change,match', [
-    ({'prompt': 5}, r"g\.jsonl:2: field 'prompt' must be a string, got an integer 5"),
-    ({'include': {'class': 'star'}}, r"g\.jsonl:2: field 'include' must be a list, got an object"),
-    ({'include': [{'class': 'star', 'count': 'two'}]}, r"g\.jsonl:2: include\[0\]: field 'count' must be an integer, got a string 'two'"),
-    ({'include': [{'class': 'star', 'count': 0}]}, r"include\[0\]: field 'count' must be at least 1, got 0"),
-    ({'include': [{'count': 1}]}, r"include\[0\]: field 'class' must be a string, got null"),
-    ({'include': [{'class': 'star', 'count': 1, 'position': ['left of', 0]}]}, r"include\[0\]: field 'position' must be \[relation, index of another"),
-    ({'include': [{'class': 'star', 'count': 1}, {'class': 'disc', 'count': 1, 'position': ['beside', 0]}]}, r"include\[1\]: field 'position'"),
-    ({'exclude': [{'class': 'star', 'count': True}]}, r"exclude\[0\]: field 'count' must be an integer, got true/false")])
-def test_geneval_metadata_is_checked(tmp_path, suite, change, match):
-    meta = toy_geneval_metadata(suite.geneval[:2])
-    _jsonl(tmp_path / 'g.jsonl', [meta[0], {**meta[1], **change}])
-    with pytest.raises(ValueError, match=match): geneval_samples(BlankModel(), tmp_path / 'g.jsonl', tmp_path / 'out', n_samples=1)
-    assert not (tmp_path / 'out').exists()                                         # refused before any sample is written
-
-
-def test_score_geneval_folder_checks_each_metadata_file(tmp_path, suite):
-    meta = toy_geneval_metadata(suite.geneval[:2])
-    _jsonl(tmp_path / 'g.jsonl', meta)
-    geneval_samples(OracleModel(suite), tmp_path / 'g.jsonl', tmp_path / 'out', n_samples=1)
-    m = tmp_path / 'out' / '00001' / 'metadata.jsonl'
-    m.write_text(json.dumps({**meta[1], 'include': [{'class': 'star', 'count': '1'}]}))
-    with pytest.raises(ValueError, match=r"00001/metadata\.jsonl:1: include\[0\]: field 'count' must be an integer"):
-        score_geneval_folder(tmp_path / 'out')
-    m.write_text(json.dumps(meta[1]) + '\n' + json.dumps(meta[1]) + '\n')
-    with pytest.raises(ValueError, match=r"00001/metadata\.jsonl:2: expected one record, got 2"): score_geneval_folder(tmp_path / 'out')
-    m.write_text(json.dumps(meta[1]))
-    Image.new('RGB', (2, 2)).save(tmp_path / 'out' / '00001' / 'samples' / '00000.png')
-    sc = score_geneval_folder(tmp_path / 'out')
-    assert sc['skipped'] == {'image too small (scored as failure)': 1} and sc['n_images'] == 2
-
-
-@pytest.mark.parametrize('recs,match', [
-    ([{'idx': 1, 'instruction': 'make it red', 'image': '0.png'}, {'idx': '01', 'instruction': 'x', 'image': '0.png'}],
-     r"e\.jsonl:2: duplicate idx '01' \(line 1 has it too\)"),
-    ([{'idx': '../../escape', 'instruction': 'x', 'image': '0.png'}], r"e\.jsonl:1: field 'idx' '\.\./\.\./escape' cannot name an output file"),
-    ([{'idx': 1, 'instruction': ['x'], 'image': '0.png'}], r"e\.jsonl:1: field 'instruction' must be a string, got a list"),
-    ([{'idx': 1.5, 'instruction': 'x', 'image': '0.png'}], r"e\.jsonl:1: field 'idx' must be an integer or a string, got a number 1\.5"),
-    ([{'idx': 1, 'instruction': 'x', 'image': 3}], r"e\.jsonl:1: field 'image' must be a string, got an integer 3"),
-    ([{'idx': 1, 'instruction': 'x', 'image': None}], r"e\.jsonl:1: record names no image")])
-def test_emu_edit_records_are_checked(tmp_path, suite, recs, match):
-    render(suite.edit[0]['source']).save(tmp_path / '0.png')
-    _jsonl(tmp_path / 'e.jsonl', recs)
-    with pytest.raises(ValueError, match=match): emu_edit_outputs(OracleModel(suite), tmp_path / 'e.jsonl', tmp_path, tmp_path / 'out')
-    assert not (tmp_path / 'out').exists() and not (tmp_path.parent / 'escape.png').exists()
+def test_evaluate_toy_refuses_what_it_cannot_run(cfg, suite):
+    with pytest.raises(ValueError, match=r"unknown sections \['ocr'\]"): evaluate_toy(BlankModel(), suite, cfg, sections=['pope', 'ocr'])
+    with pytest.raises(ValueError, match=r"unknown suite 'real': expected 'toy' or a ToySuite"): evaluate_toy(BlankModel(), 'real', cfg)
+    m = evaluate_toy(BlankModel(), suite, cfg, sections=['vqa'], records=True)
+    assert 'records' in m['vqa'] and 'records' not in evaluate_toy(BlankModel(), suite, cfg, sections=['vqa'])['vqa']
+    assert m['headline']['VQA'] == 0 and m['headline']['POPE'] is None            # a section that did not run: None

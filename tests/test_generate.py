@@ -13,10 +13,11 @@ from transformers.utils import logging as hf_logging
 
 import illume_ref.generate as G
 from illume_ref.config import get_config
-from illume_ref.evaluate import ModelLike, evaluate, toy_suite
+from illume_ref.evaluate import ModelLike, toy_suite
 from illume_ref.generate import (IllumeSystem, chat, chat_batch, edit_image_codes, filter_logits, generate_image_codes,
                                  generate_images, image_span_fits, sample_tokens)
 from illume_ref.model import build_illume
+from illume_ref.report import evaluate
 from illume_ref.tasks import build_dataset
 from illume_ref.vocab import VisualVocab
 
