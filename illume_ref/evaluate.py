@@ -28,14 +28,14 @@ from .tokenizer import pretrained_or_trained_encoder
 from .toyworld import BACKGROUND, COLORS, SHAPES, Scene, ToyObject, render, render_batch, sample_scene, to_rgb_array
 
 # %% auto #0
-__all__ = ['GENEVAL_CATEGORIES', 'SECTIONS', 'LETTERS', 'ModelLike', 'SectionSkipped', 'takes', 'call_batched', 'call_answer',
-           'call_generate', 'call_edit', 'image_or_reason', 'ToySuite', 'toy_suite', 'image_key', 'question_options',
-           'blank_canvas', 'scene_for_caption', 'prompt_rngs', 'OracleModel', 'AlwaysYesModel', 'BlankModel',
-           'RandomModel', 'parse_yes_no', 'pope_label', 'pope_metrics', 'eval_pope', 'extract_choice',
-           'circular_variants', 'random_circular_accuracy', 'eval_mmbench', 'normalize_answer', 'eval_vqa',
-           'read_image', 'eval_geneval', 'frechet_distance', 'feature_stats', 'frechet_distance_features',
+__all__ = ['GENEVAL_CATEGORIES', 'SECTIONS', 'LETTERS', 'SAMPLING_SETTINGS', 'ModelLike', 'SectionSkipped', 'takes',
+           'call_batched', 'call_answer', 'call_generate', 'call_edit', 'image_or_reason', 'ToySuite', 'toy_suite',
+           'image_key', 'question_options', 'blank_canvas', 'scene_for_caption', 'prompt_rngs', 'OracleModel',
+           'AlwaysYesModel', 'BlankModel', 'RandomModel', 'parse_yes_no', 'pope_label', 'pope_metrics', 'eval_pope',
+           'extract_choice', 'circular_variants', 'random_circular_accuracy', 'eval_mmbench', 'normalize_answer',
+           'eval_vqa', 'read_image', 'eval_geneval', 'frechet_distance', 'feature_stats', 'frechet_distance_features',
            'encoder_tokens', 'encoder_features', 'eval_fid', 'eval_edit', 'metric', 'headline', 'without_records',
-           'evaluate_toy']
+           'sampling_settings', 'evaluate_toy']
 
 # %% ../nbs/09_eval.ipynb #b705c039
 @runtime_checkable
@@ -457,11 +457,11 @@ def read_image(image):
     return (detect(im), None) if im is not None else (None, why)
 
 
-def eval_geneval(model, suite: ToySuite, images_per_prompt: int = 4, seed: int = 0, batch_size: int = 32,
-                 cfg_scale: float | None = None) -> dict:
-    "toy-GenEval: per-category and overall (mean of the six categories) accuracy of oracle-judged images."
+def eval_geneval(model, suite: ToySuite, images_per_prompt: int = 4, seed: int = 0, batch_size: int = 32, **sampling) -> dict:
+    """toy-GenEval: per-category and overall (mean of the six categories) accuracy of oracle-judged images.
+    `sampling` (`cfg_scale=...`, ...) reaches a model whose `generate` takes it (`call_batched`)."""
     items = suite.geneval
-    gens = call_generate(model, [it['prompt'] for it in items], images_per_prompt, seed, batch_size, cfg_scale=cfg_scale)
+    gens = call_generate(model, [it['prompt'] for it in items], images_per_prompt, seed, batch_size, **sampling)
     per_cat, records, skipped = defaultdict(list), [], Counter()
     for it, imgs in zip(items, gens):
         for j, im in enumerate(imgs):
@@ -523,11 +523,12 @@ def encoder_features(encoder, images, pooled: bool = True, batch_size: int = 64)
     return f.mean(1) if pooled else f.reshape(len(f), -1)
 
 # %% ../nbs/09_eval.ipynb #9911f2b7
-def eval_fid(model, suite: ToySuite, encoder, seed: int = 0, batch_size: int = 32, cfg_scale: float | None = None) -> dict:
+def eval_fid(model, suite: ToySuite, encoder, seed: int = 0, batch_size: int = 32, **sampling) -> dict:
     """The FID analogue: one image per caption of `suite.fid`, Fréchet distance of their mean-pooled encoder
-    features to those of the real renders of the captioned scenes (cached per encoder: rendered only once)."""
+    features to those of the real renders of the captioned scenes (cached per encoder: rendered only once).
+    `sampling` as in `eval_geneval`."""
     items, size = suite.fid, (suite.image_size, suite.image_size)
-    gens = call_generate(model, [it['prompt'] for it in items], 1, seed, batch_size, cfg_scale=cfg_scale)
+    gens = call_generate(model, [it['prompt'] for it in items], 1, seed, batch_size, **sampling)
     fake, skipped = [], Counter()
     for g in gens:
         im, why = image_or_reason(g[0], size)
@@ -544,11 +545,12 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
 
 
-def eval_edit(model, suite: ToySuite, encoder, seed: int = 0, batch_size: int = 32, cfg_scale: float | None = None) -> dict:
-    "Toy Emu Edit: CLIP-I / DINO / CLIP-T analogues and the oracle's exact edit success, overall and per edit type."
+def eval_edit(model, suite: ToySuite, encoder, seed: int = 0, batch_size: int = 32, **sampling) -> dict:
+    """Toy Emu Edit: CLIP-I / DINO / CLIP-T analogues and the oracle's exact edit success, overall and per edit type.
+    `sampling` as in `eval_geneval` (for `edit`)."""
     items = suite.edit
     src = [suite.render(it['source']) for it in items]
-    returned = call_edit(model, src, [it['instruction'] for it in items], seed, batch_size, cfg_scale=cfg_scale)
+    returned = call_edit(model, src, [it['instruction'] for it in items], seed, batch_size, **sampling)
     edited, skipped = [], Counter()
     for im in returned:
         im, why = image_or_reason(im, src[0].size)
@@ -575,7 +577,7 @@ def eval_edit(model, suite: ToySuite, encoder, seed: int = 0, batch_size: int = 
             'records': [{'instruction': it['instruction'], 'edit_type': it['edit_type'], 'source': s, 'image': e,
                          'correct': bool(x)} for it, s, e, x in zip(items, src, edited, exact)]}
 
-# %% ../nbs/09_eval.ipynb #c283b247
+# %% ../nbs/09_eval.ipynb #1365ba7c
 def metric(metrics: dict, *keys):
     "`metrics[k1][k2]...`, or None where a key is missing (a section that did not run)."
     for k in keys:
@@ -602,12 +604,20 @@ def without_records(metrics: dict) -> dict:
             for k, v in metrics.items()}
 
 
+SAMPLING_SETTINGS = ('cfg_scale', 'temperature', 'top_k', 'top_p')   # read from cfg.eval where it has them
+
+
+def sampling_settings(ev) -> dict:
+    "The `SAMPLING_SETTINGS` an `EvalConfig` holds (today `cfg_scale`), for the models' `generate` and `edit`."
+    return {k: getattr(ev, k) for k in SAMPLING_SETTINGS if hasattr(ev, k)}
+
+
 def evaluate_toy(model, suite: str | ToySuite = 'toy', cfg: IllumeRefConfig | None = None, encoder=None,
                  sections: Sequence[str] = SECTIONS, model_name: str | None = None, records: bool = False) -> dict:
     """Run the toy suite's `sections` on `model` (any `ModelLike`); returns the metrics dict with the `headline`.
     `suite`: 'toy' (built from `cfg`, default the toy preset) or a prebuilt `ToySuite`. `encoder`: the feature
     extractor of the FID and editing analogues (default `tokenizer.pretrained_or_trained_encoder(cfg)`).
-    `cfg.eval` gives the seed, batch size, images per GenEval prompt and `cfg_scale`. `records=True` keeps each
+    `cfg.eval` gives the seed, batch size, images per GenEval prompt and the `sampling_settings`. `records=True` keeps each
     section's per-item records (images included, for the failure grids)."""
     cfg = cfg if cfg is not None else get_config('toy')
     unknown = set(sections) - set(SECTIONS)
@@ -616,7 +626,7 @@ def evaluate_toy(model, suite: str | ToySuite = 'toy', cfg: IllumeRefConfig | No
     if s is None: raise ValueError(f"unknown suite {suite!r}: expected 'toy' or a ToySuite (real benchmarks: benchmarks.evaluate_real)")
     ev = cfg.eval
     if encoder is None and {'fid', 'edit'} & set(sections): encoder = pretrained_or_trained_encoder(cfg, progress=False)
-    draw = dict(seed=ev.seed, batch_size=ev.batch_size, cfg_scale=ev.cfg_scale)
+    draw = dict(seed=ev.seed, batch_size=ev.batch_size, **sampling_settings(ev))
     runs = {'pope': lambda: eval_pope(model, s, ev.batch_size), 'mmbench': lambda: eval_mmbench(model, s, ev.batch_size),
             'vqa': lambda: eval_vqa(model, s, ev.batch_size),
             'geneval': lambda: eval_geneval(model, s, ev.geneval_images_per_prompt, **draw),

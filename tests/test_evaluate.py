@@ -320,3 +320,10 @@ def test_evaluate_toy_refuses_what_it_cannot_run(cfg, suite):
     m = evaluate_toy(BlankModel(), suite, cfg, sections=['vqa'], records=True)
     assert 'records' in m['vqa'] and 'records' not in evaluate_toy(BlankModel(), suite, cfg, sections=['vqa'])['vqa']
     assert m['headline']['VQA'] == 0 and m['headline']['POPE'] is None            # a section that did not run: None
+
+
+def test_sampling_settings_are_the_ones_the_config_has(cfg):
+    from types import SimpleNamespace
+    assert E.sampling_settings(cfg.eval) == {'cfg_scale': cfg.eval.cfg_scale}
+    assert E.sampling_settings(SimpleNamespace(cfg_scale=2.0, temperature=0.7, top_k=5, seed=1, batch_size=8)) == \
+        {'cfg_scale': 2.0, 'temperature': 0.7, 'top_k': 5}
