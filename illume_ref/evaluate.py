@@ -76,25 +76,25 @@ def _method(model, name: str):
     return fn
 
 
-def takes(fn, name: str) -> bool:
-    "Whether the callable `fn` accepts the keyword argument `name` (by that name or through `**kwargs`)."
+def takes(fn, name: str, via_kwargs: bool = True) -> bool:
+    "Whether the callable `fn` accepts the keyword argument `name`: by that name, or (`via_kwargs`) through `**kwargs`."
     try: params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError): return False
-    return any(p.kind == p.VAR_KEYWORD or (p.name == name and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
-               for p in params)
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return any((p.name == name and p.kind in named) or (via_kwargs and p.kind == p.VAR_KEYWORD) for p in params)
 
 
 def call_batched(model, method: str, columns: Sequence[Sequence], batch_size: int = 32, seed: int | None = None,
                  check: Callable[[list, int], str | None] | None = None, **settings) -> list:
     """`model.<method>(*columns, **settings)` over batches of `batch_size` rows, the results joined in order.
-    `seed` goes in as `seed=seed, first_prompt=<index of the batch's first row>` to a method that takes
-    `first_prompt`, so that each row draws the same whatever the batch size; otherwise as `seed=seed + <that
-    index>`. A setting (`num_images`, `cfg_scale`, ...) goes only to a method that takes it, and only when not None.
-    `check(results, n)` says what is wrong with one batch's `n` results (raised as a ValueError naming the method),
-    or None. A missing method, or one that raises NotImplementedError, raises `SectionSkipped`."""
+    `seed` goes in as `seed=seed, first_prompt=<index of the batch's first row>` to a method that names
+    `first_prompt`, so that each row draws the same whatever the batch size; otherwise (`**kwargs` is not enough:
+    it may drop the index) as `seed=seed + <that index>`. A setting (`num_images`, `cfg_scale`, ...) goes only to
+    a method that takes it, and only when not None. `check(results, n)` says what is wrong with one batch's `n`
+    results (raised as a ValueError naming the method), or None. A missing method, or one that raises NotImplementedError, raises `SectionSkipped`."""
     fn, name, out = _method(model, method), f"{type(model).__name__}.{method}", []
     kw = {k: v for k, v in settings.items() if v is not None and takes(fn, k)}
-    by_index = takes(fn, 'first_prompt')
+    by_index = takes(fn, 'first_prompt', via_kwargs=False)
     for sl in _batches(len(columns[0]), batch_size):
         if seed is not None: kw.update({'seed': seed, 'first_prompt': sl.start} if by_index else {'seed': seed + sl.start})
         try: got = list(fn(*(list(c[sl]) for c in columns), **kw))
@@ -118,7 +118,8 @@ def call_generate(model, prompts: Sequence[str], num_images: int, seed: int, bat
         if len(got) == n and all(isinstance(g, (list, tuple)) and len(g) == num_images for g in got): return None
         return (f"must return one list of {num_images} images per prompt ({n} prompts); "
                 f"got {[len(g) if isinstance(g, (list, tuple)) else type(g).__name__ for g in got]}")
-    return [list(g) for g in call_batched(model, 'generate', (prompts,), batch_size, seed, check, num_images=num_images, **settings)]
+    got = call_batched(model, 'generate', (prompts,), batch_size, seed, check, num_images=num_images, **settings)
+    return [list(g) for g in got]
 
 
 def call_edit(model, images: Sequence, instructions: Sequence[str], seed: int, batch_size: int = 32, **settings) -> list:
@@ -577,7 +578,7 @@ def eval_edit(model, suite: ToySuite, encoder, seed: int = 0, batch_size: int = 
             'records': [{'instruction': it['instruction'], 'edit_type': it['edit_type'], 'source': s, 'image': e,
                          'correct': bool(x)} for it, s, e, x in zip(items, src, edited, exact)]}
 
-# %% ../nbs/09_eval.ipynb #1365ba7c
+# %% ../nbs/09_eval.ipynb #fe76a499
 def metric(metrics: dict, *keys):
     "`metrics[k1][k2]...`, or None where a key is missing (a section that did not run)."
     for k in keys:

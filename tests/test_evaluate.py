@@ -327,3 +327,13 @@ def test_sampling_settings_are_the_ones_the_config_has(cfg):
     assert E.sampling_settings(cfg.eval) == {'cfg_scale': cfg.eval.cfg_scale}
     assert E.sampling_settings(SimpleNamespace(cfg_scale=2.0, temperature=0.7, top_k=5, seed=1, batch_size=8)) == \
         {'cfg_scale': 2.0, 'temperature': 0.7, 'top_k': 5}
+
+
+def test_first_prompt_goes_only_to_a_method_that_names_it():
+    class Kw:   # takes anything through **kw but would ignore first_prompt: it must get distinct seeds per batch
+        def __init__(self): self.calls = []
+        def generate(self, prompts, num_images=1, seed=0, **kw):
+            self.calls.append((seed, dict(kw))); return [[seed]] * len(prompts)
+    m = Kw()
+    call_generate(m, list('abcd'), 1, seed=10, batch_size=2, cfg_scale=3.0)
+    assert m.calls == [(10, {'cfg_scale': 3.0}), (12, {'cfg_scale': 3.0})]
