@@ -5,6 +5,7 @@
 # %% ../nbs/02_quantizer.ipynb #10e1bc36
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from typing import NamedTuple
@@ -98,7 +99,6 @@ def kmeans(
             pick = torch.multinomial(closest, 1) if closest.sum() > 0 else torch.randint(m, (1,), device=x.device)
             centres[k] = x[pick]
             closest = torch.minimum(closest, (x - centres[k]).pow(2).sum(1))
-    counts = torch.zeros(num_clusters, device=x.device)
     for _ in range(iters):
         assign = nearest_code(x, centres, chunk_size)
         counts = torch.bincount(assign, minlength=num_clusters).float()
@@ -106,6 +106,7 @@ def kmeans(
         centres = torch.where(counts.unsqueeze(1) > 0, sums / counts.clamp(min=1).unsqueeze(1), centres)
         if l2_normalize:
             centres = F.normalize(centres, dim=-1)
+    counts = torch.bincount(nearest_code(x, centres, chunk_size), minlength=num_clusters).float()  # of the final centres
     return centres, counts
 
 # %% ../nbs/02_quantizer.ipynb #8d4d19c4
@@ -161,6 +162,7 @@ class VectorQuantizer(nn.Module):
         kmeans_init: bool = False,  # Jukebox/SoundStream: initialise the codebook by k-means on the first training batch
         kmeans_iters: int = 10,  # Lloyd iterations for `kmeans_init`
         dead_code_threshold: float = 0.0,  # Jukebox/SoundStream: restart codes whose EMA count (vectors/batch) is below this; 0 disables
+        dead_code_grace: int = 50,  # a restarted code may win nothing for this many steps before it counts as dead again
         usage_window: int = 100,  # batches in the sliding window for the `usage` metric
         chunk_size: int = 4096,  # rows of the distance matrix held at once by `nearest_code`
         eps: float = 1e-5,  # Laplace smoothing of the EMA cluster sizes (Sonnet's VQ-VAE default)
@@ -174,11 +176,13 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f"code_dim must be >= 1 or None, got {code_dim}")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
-        if usage_window < 1 or chunk_size < 1 or kmeans_iters < 0:
-            raise ValueError(f"usage_window and chunk_size must be >= 1, kmeans_iters >= 0; got {usage_window}, {chunk_size}, {kmeans_iters}")
+        if usage_window < 1 or chunk_size < 1 or kmeans_iters < 0 or dead_code_grace < 0:
+            raise ValueError(f"usage_window and chunk_size must be >= 1, kmeans_iters and dead_code_grace >= 0; got "
+                             f"{usage_window}, {chunk_size}, {kmeans_iters}, {dead_code_grace}")
         self.num_codes, self.dim, self.code_dim = num_codes, dim, code_dim
         self.beta, self.use_ema, self.ema_decay, self.l2_normalize = beta, use_ema, ema_decay, l2_normalize
         self.kmeans_init, self.kmeans_iters, self.dead_code_threshold = kmeans_init, kmeans_iters, dead_code_threshold
+        self.dead_code_grace = dead_code_grace
         self.usage_window, self.chunk_size, self.eps = usage_window, chunk_size, eps
         self.sync_distributed, self.check_inputs = sync_distributed, check_inputs
         c = self.lookup_dim
@@ -205,7 +209,7 @@ class VectorQuantizer(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_codes={self.num_codes}, dim={self.dim}, code_dim={self.code_dim}, beta={self.beta}, "
                 f"use_ema={self.use_ema}, l2_normalize={self.l2_normalize}, kmeans_init={self.kmeans_init}, "
-                f"dead_code_threshold={self.dead_code_threshold}")
+                f"dead_code_threshold={self.dead_code_threshold}, dead_code_grace={self.dead_code_grace}")
 
     # -- the pieces ---------------------------------------------------------------------------
     def get_codebook(self) -> torch.Tensor:
@@ -246,20 +250,37 @@ class VectorQuantizer(nn.Module):
     def _sync(self) -> bool:
         return self.sync_distributed and _world_size() > 1
 
+    def _smoothed(self, cluster_size: torch.Tensor) -> torch.Tensor:
+        "(K,) Laplace-smoothed cluster sizes, as `ema_update_` divides by them."
+        n = cluster_size.sum()
+        return (cluster_size + self.eps) / (n + cluster_size.numel() * self.eps) * n
+
     @torch.no_grad()
     def _init_kmeans(self, z: torch.Tensor):
-        "k-means on this (rank 0's) batch of projected vectors `z` (M, C); broadcast; reset statistics."
-        if _is_rank0() or not self._sync():
-            centres, _ = kmeans(z, self.num_codes, self.kmeans_iters, self.chunk_size, self.l2_normalize)
+        """k-means on this (rank 0's) batch of projected vectors `z` (M, C); broadcast. Each code's EMA count starts at
+        its k-means count (vectors per batch; under torch.distributed, rank 0's batch stands for each rank's), so a
+        code that k-means left empty (a duplicate start) counts as dead at once."""
+        sync = self._sync()
+        if _is_rank0() or not sync:
+            centres, counts = kmeans(z, self.num_codes, self.kmeans_iters, self.chunk_size, self.l2_normalize)
         else:
             centres = torch.empty(self.num_codes, self.lookup_dim, device=z.device)
-        if self._sync():
+            counts = torch.empty(self.num_codes, device=z.device)
+        if sync:
             dist.broadcast(centres, src=0)
+            dist.broadcast(counts, src=0)
         self.codebook.copy_(centres.to(self.codebook.dtype))
-        self.cluster_size.fill_(1.0)
-        if self.use_ema:
-            self.embed_sum.copy_(centres)
+        self.cluster_size.copy_(counts * _world_size())
+        if self.use_ema:                                       # sums that give back exactly these centres
+            self.embed_sum.copy_(centres * self._smoothed(self.cluster_size).unsqueeze(1))
         self.initialized.fill_(True)
+
+    def _restart_size(self) -> float:
+        """The EMA count a restarted code starts at: the threshold divided by `ema_decay ** dead_code_grace`, so it can
+        win nothing for `dead_code_grace` steps before it counts as dead again (a grace period, not the whole run)."""
+        t = float(self.dead_code_threshold)
+        if self.ema_decay == 0: return t
+        return t * math.exp(min(50.0, -self.dead_code_grace * math.log(self.ema_decay)))
 
     @torch.no_grad()
     def _restart_dead_codes(self, z: torch.Tensor) -> int:
@@ -274,7 +295,7 @@ class VectorQuantizer(nn.Module):
         new = sample_rows(z.float(), n) if (_is_rank0() or not self._sync()) else torch.empty(n, self.lookup_dim, device=z.device)
         if self._sync():
             dist.broadcast(new, src=0)
-        reset = max(1.0, float(self.dead_code_threshold))  # a restarted code starts at the threshold, as if just used
+        reset = self._restart_size()
         self.codebook[dead] = new.to(self.codebook.dtype)
         self.cluster_size[dead] = reset
         if self.use_ema:
@@ -369,8 +390,8 @@ def bench_quantizer(
         gen = torch.Generator().manual_seed(seed)
         x = torch.randn(num_vectors, dim, generator=gen).to(device)
         codebook = torch.randn(num_codes, dim, generator=gen).to(device)
-        t_chunk, peak_chunk, idx_chunk = _timed(lambda: nearest_code(x, codebook, chunk_size), repeats, device)
-        t_cdist, peak_cdist, idx_cdist = _timed(lambda: torch.cdist(x, codebook).argmin(1), repeats, device)
+        t_chunk, peak_chunk, idx_chunk = _timed(lambda x=x, c=codebook: nearest_code(x, c, chunk_size), repeats, device)
+        t_cdist, peak_cdist, idx_cdist = _timed(lambda x=x, c=codebook: torch.cdist(x, c).argmin(1), repeats, device)
         theory_chunk = min(chunk_size, num_vectors) * num_codes * 4  # one (chunk, K) fp32 block
         theory_cdist = num_vectors * num_codes * 4  # the whole (N, K) fp32 matrix
         rows.append(dict(

@@ -15,13 +15,15 @@ import torch.distributed as dist
 
 from illume_ref.quantizer import VectorQuantizer
 
+# threshold 4 (vectors per global batch of 2 x 80): codes that k-means gave one vector, or none, are dead at once,
+# so every run below restarts codes
 CONFIGS = {
     # EMA statistics all_reduced, k-means init and restarts broadcast from rank 0
-    "ema": dict(num_codes=32, dim=6, use_ema=True, kmeans_init=True, dead_code_threshold=1.0),
+    "ema": dict(num_codes=32, dim=6, use_ema=True, kmeans_init=True, dead_code_threshold=4.0),
     # the same in an l2-normalised 4-d code space behind a (fixed, identically seeded) projection
-    "ema_l2_lowdim": dict(num_codes=32, dim=12, code_dim=4, l2_normalize=True, use_ema=True, kmeans_init=True, dead_code_threshold=1.0),
+    "ema_l2_lowdim": dict(num_codes=32, dim=12, code_dim=4, l2_normalize=True, use_ema=True, kmeans_init=True, dead_code_threshold=4.0),
     # gradient codebook with no optimizer: it changes only through k-means init and dead-code restarts
-    "grad_restart": dict(num_codes=32, dim=6, kmeans_init=True, dead_code_threshold=1.0),
+    "grad_restart": dict(num_codes=32, dim=6, kmeans_init=True, dead_code_threshold=4.0),
 }
 
 

@@ -173,6 +173,41 @@ def test_restart_raises_usage_in_training():
     assert with_restart.commitment_loss < 0.2 * without.commitment_loss
 
 
+def test_kmeans_init_starts_each_code_at_its_kmeans_count():
+    "The first batch is the k-means batch: its EMA update must leave the k-means counts as they are."
+    x = torch.cat([torch.ones(300, 4), clustered(212, 4, num_clusters=8)])[None]   # duplicates: empty k-means clusters
+    for ema in (False, True):
+        torch.manual_seed(0)
+        vq = VectorQuantizer(32, 4, kmeans_init=True, use_ema=ema, dead_code_threshold=0.5)
+        out = vq(x)
+        counts = torch.bincount(out.indices.flatten(), minlength=32).float()
+        assert (counts == 0).any() and torch.allclose(vq.cluster_size, counts), (vq.cluster_size, counts)
+        vq(x)                                                   # empty k-means clusters are dead: restarted now
+        assert int(vq.num_restarts) == int((counts == 0).sum())
+
+
+def test_restarts_fire_in_a_short_run_where_codes_die():
+    "Toy-encoder-like data (60% one vector): codes k-means put on it win nothing and are restarted within steps."
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    vq = VectorQuantizer(64, 8, use_ema=True, kmeans_init=True, dead_code_threshold=1e-3, ema_decay=0.99)
+    for _ in range(30):
+        out = vq(torch.cat([torch.ones(1, 300, 8), torch.randn(1, 200, 8, generator=g)], 1))
+    assert int(vq.num_restarts) > 10 and out.usage > 0.8
+
+
+def test_a_restarted_code_has_a_grace_period():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(4, 3, kmeans_init=True, dead_code_threshold=1e-3, dead_code_grace=5)
+    restarts = []
+    for _ in range(20):
+        vq(torch.ones(1, 20, 3))                                # one vector: three of the four codes can never win
+        restarts.append(int(vq.num_restarts))
+    assert restarts == [0] + [3] * 6 + [6] * 6 + [9] * 6 + [12]   # at once, then every grace + 1 steps
+    with pytest.raises(ValueError, match="dead_code_grace >= 0"):
+        VectorQuantizer(4, 3, dead_code_grace=-1)
+
+
 def test_kmeans_init_lowers_loss_vs_random():
     x = clustered(1024, 8, num_clusters=16, spread=0.1)[None]
     torch.manual_seed(0)
