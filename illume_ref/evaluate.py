@@ -578,7 +578,7 @@ def eval_edit(model, suite: ToySuite, encoder, seed: int = 0, batch_size: int = 
             'records': [{'instruction': it['instruction'], 'edit_type': it['edit_type'], 'source': s, 'image': e,
                          'correct': bool(x)} for it, s, e, x in zip(items, src, edited, exact)]}
 
-# %% ../nbs/09_eval.ipynb #fe76a499
+# %% ../nbs/09_eval.ipynb #b550c962
 def metric(metrics: dict, *keys):
     "`metrics[k1][k2]...`, or None where a key is missing (a section that did not run)."
     for k in keys:
