@@ -435,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="score a saved model: toy mirrors of POPE, MMBench, VQA, GenEval, FID, editing")
     _model_args(p, sampling=False)
     add_config_args(p)
-    p.add_argument("--suite", default="toy", choices=["toy"], help="the toy suite (real benchmarks: see 09_eval)")
+    p.add_argument("--suite", default="toy", choices=["toy"], help="the toy suite (real benchmarks: see 09a_benchmarks)")
     p.add_argument("--out", default="runs/eval")
     p.set_defaults(func=cmd_eval)
 

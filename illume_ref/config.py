@@ -335,14 +335,15 @@ class EvalConfig(ConfigBase):
     fid_samples: int = 500
     edit_samples: int = 100
     batch_size: int = 32
-    cfg_scale: float = 3.0
+    cfg_scale: Optional[float] = None     # guidance of the suite's drawings: None = the model's own setting
     seed: int = 1234
 
     def validate(self):
         self._positive("pope_per_split", "mmbench_questions", "vqa_questions", "geneval_prompts_per_category",
                        "geneval_images_per_prompt", "edit_samples", "batch_size")
         self._require(self.fid_samples >= 2, "fid_samples", f"a Frechet distance needs at least 2 samples, got {self.fid_samples}")
-        self._non_negative("cfg_scale", "seed")
+        self._non_negative("seed")
+        self._require(self.cfg_scale is None or self.cfg_scale >= 0, "cfg_scale", f"must be >= 0 or None, got {self.cfg_scale}")
 
 # %% ../nbs/00a_config.ipynb #01bf0ecf
 @dataclass
