@@ -609,8 +609,9 @@ SAMPLING_SETTINGS = ('cfg_scale', 'temperature', 'top_k', 'top_p')   # read from
 
 
 def sampling_settings(ev) -> dict:
-    "The `SAMPLING_SETTINGS` an `EvalConfig` holds (today `cfg_scale`), for the models' `generate` and `edit`."
-    return {k: getattr(ev, k) for k in SAMPLING_SETTINGS if hasattr(ev, k)}
+    """The `SAMPLING_SETTINGS` an `EvalConfig` sets (today `cfg_scale`), for the models' `generate` and `edit`; a
+    setting left at None is the model's own and is not passed."""
+    return {k: getattr(ev, k) for k in SAMPLING_SETTINGS if getattr(ev, k, None) is not None}
 
 
 def evaluate_toy(model, suite: str | ToySuite = 'toy', cfg: IllumeRefConfig | None = None, encoder=None,

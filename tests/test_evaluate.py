@@ -324,7 +324,8 @@ def test_evaluate_toy_refuses_what_it_cannot_run(cfg, suite):
 
 def test_sampling_settings_are_the_ones_the_config_has(cfg):
     from types import SimpleNamespace
-    assert E.sampling_settings(cfg.eval) == {'cfg_scale': cfg.eval.cfg_scale}
+    assert E.sampling_settings(cfg.eval.replace(cfg_scale=2.5)) == {'cfg_scale': 2.5}
+    assert E.sampling_settings(cfg.eval.replace(cfg_scale=None)) == {}            # None: the model's own guidance
     assert E.sampling_settings(SimpleNamespace(cfg_scale=2.0, temperature=0.7, top_k=5, seed=1, batch_size=8)) == \
         {'cfg_scale': 2.0, 'temperature': 0.7, 'top_k': 5}
 
