@@ -13,7 +13,6 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -25,17 +24,18 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .config import DecoderConfig, IllumeRefConfig
+from .config import DecoderConfig, IllumeRefConfig, get_config
 from .core import atomic_dir, cached_run, get_device, load_json, save_json, seed_everything
-from .training import EMA
+from .oracle import oracle_rates
+from .toyworld import render_batch, sample_scenes
+from .training import EMA, Trainer, step_rng
 
 # %% auto #0
 __all__ = ['PIXEL_PATCH_SIZE', 'SPATIAL_CHANNELS', 'SAMPLE_LOSS_CAP', 'ConditionProjector', 'unet_block_types', 'build_unet',
            'adapt_cross_attention', 'add_input_channels', 'build_vae', 'noise_schedule', 'sampling_scheduler',
            'resolve_decoder_config', 'check_images', 'images_to_sample', 'sample_to_images', 'DiffusionDecoder',
-           'IllumeDecoderPipeline', 'WarmupEMA', 'render_scenes', 'toy_scenes', 'held_out_scenes', 'seen_in_training',
-           'oracle_rates', 'decode_scenes', 'evaluate_decoder', 'train_decoder', 'pretrained_toy_decoder',
-           'bench_decoder', 'format_bench_decoder']
+           'IllumeDecoderPipeline', 'WarmupEMA', 'seen_in_training', 'render_encode_decode', 'evaluate_decoder',
+           'train_decoder', 'pretrained_toy_decoder', 'bench_decoder', 'format_bench_decoder']
 
 # %% ../nbs/05_decoder.ipynb #a3fef292
 class ConditionProjector(ModelMixin, ConfigMixin):
@@ -386,7 +386,8 @@ class IllumeDecoderPipeline(DiffusionPipeline):
         """Decode a batch. `guidance_scale` s mixes the unconditional (null-condition) and conditional predictions as
         `u + s (c - u)` (s = 1: no guidance; default: the pipeline's config). `generator` fixes the starting noise.
         `output_type`: 'pil', 'np' `(B, S, S, 3)` or 'pt' `(B, 3, S, S)`, in [0, 1].
-        `callback_on_step_end(pipe, i, t, {'latents': x})` sees (and may replace) the sample after every step."""
+        `callback_on_step_end(pipe, i, t, {'sample': x})` sees (and may replace) the sample after every step (VAE
+        latents, or patch-folded pixels in pixel space)."""
         steps = num_inference_steps or self.config.num_inference_steps
         scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
         if output_type not in ("pil", "np", "pt"):
@@ -400,27 +401,27 @@ class IllumeDecoderPipeline(DiffusionPipeline):
         if guided:
             context = torch.cat([self.condition_projector.null(B), context])
             if spatial is not None: spatial = torch.cat([torch.zeros_like(spatial), spatial])
-        latents = randn_tensor((B, self.unet.config.out_channels, s, s), generator=generator, device=device, dtype=dtype)
+        sample = randn_tensor((B, self.unet.config.out_channels, s, s), generator=generator, device=device, dtype=dtype)
         self.scheduler.set_timesteps(steps, device=device)
-        latents = latents * self.scheduler.init_noise_sigma
+        sample = sample * self.scheduler.init_noise_sigma
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            x = self.scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
+            x = self.scheduler.scale_model_input(torch.cat([sample] * 2) if guided else sample, t)
             if spatial is not None: x = torch.cat([x, spatial.to(dtype)], 1)
             pred = self.unet(x, t, encoder_hidden_states=context.to(dtype)).sample
             if guided:
                 uncond, cond = pred.chunk(2)
                 pred = uncond + scale * (cond - uncond)
-            latents = self.scheduler.step(pred, t, latents, generator=generator).prev_sample
+            sample = self.scheduler.step(pred, t, sample, generator=generator).prev_sample
             if callback_on_step_end is not None:
-                latents = callback_on_step_end(self, i, t, {"latents": latents}).get("latents", latents)
-        images = self.to_images(latents)
+                sample = callback_on_step_end(self, i, t, {"sample": sample}).get("sample", sample)
+        images = self.to_images(sample)
         if output_type != "pt": images = images.permute(0, 2, 3, 1).cpu().numpy()
         if output_type == "pil": images = self.numpy_to_pil(images)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
-    def to_images(self, latents: torch.Tensor) -> torch.Tensor:
-        "UNet space (latents or folded pixels) -> images `(B, 3, S, S)` in [0, 1]."
-        return sample_to_images(latents, self.vae, self.config.pixel_patch_size)
+    def to_images(self, sample: torch.Tensor) -> torch.Tensor:
+        "UNet space (VAE latents or folded pixels) -> images `(B, 3, S, S)` in [0, 1]."
+        return sample_to_images(sample, self.vae, self.config.pixel_patch_size)
 
 # %% ../nbs/05_decoder.ipynb #6e86d8d2
 class WarmupEMA(EMA):
@@ -449,91 +450,54 @@ class WarmupEMA(EMA):
         super().load_state_dict(sd)
 
 # %% ../nbs/05_decoder.ipynb #b2716413
-def render_scenes(scenes, size: int, antialias: bool = False) -> torch.Tensor:
-    "Toy scenes -> images `(B, 3, size, size)` in [0, 1]."
-    from illume_ref.toyworld import render
-    arrays = [np.asarray(render(s, size=size, antialias=antialias)) for s in scenes]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
-
-
-def toy_scenes(rng, n: int, world=None) -> list:
-    "`n` random toy scenes from `rng` (a seed or a `random.Random`)."
-    from illume_ref.toyworld import as_rng, sample_scene
-    rng = as_rng(rng)
-    return [sample_scene(rng, world=world) for _ in range(n)]
-
-
-def held_out_scenes(n: int, world=None, seed: int = 0) -> list:
-    """`n` toy scenes from a generator that no training step uses (training draws from `Trainer.rng(step)`). The
-    toy world is small, so some of them still *coincide* with scenes drawn in training: `seen_in_training` says which."""
-    import random
-    return toy_scenes(random.Random(f"illume_ref/decoder/held-out/{seed}"), n, world)
-
-
 def seen_in_training(scenes, train, world=None) -> list[bool]:
     """For each scene, whether `train_decoder` with `TrainConfig` `train` (its seed, batch size, steps and gradient
     accumulation, one process) drew the very same scene (same objects in the same cells) at some step."""
-    from illume_ref.training import step_rng
     draws = range(train.steps * train.grad_accum)                 # Trainer.fit's step_fn arguments, micro-steps included
-    seen = {sc.key() for d in draws for sc in toy_scenes(step_rng(train.seed, d), train.batch_size, world)}
+    seen = {sc.key() for d in draws for sc in sample_scenes(step_rng(train.seed, d), train.batch_size, world, split='train')}
     return [sc.key() in seen for sc in scenes]
 
 
-def oracle_rates(images, scenes) -> dict[str, float]:
-    """How well the oracle detector (`toyworld.detect_scene`) reads `scenes` back from `images` (PIL images or
-    `(B, 3, S, S)` in [0, 1]), matching shape, colour and cell: `object_recall` (right / true objects),
-    `object_precision` (right / detected objects), `scene_accuracy` (every object right, nothing extra)."""
-    from collections import Counter
-    from illume_ref.toyworld import detect_scene
-    if len(images) != len(scenes): raise ValueError(f"got {len(images)} images for {len(scenes)} scenes")
-    right = n_true = n_found = exact = 0
-    for img, scene in zip(images, scenes):
-        truth, got = Counter(scene.objects), Counter(detect_scene(img, scene.grid_size).objects)
-        right += sum((truth & got).values()); n_true += sum(truth.values()); n_found += sum(got.values())
-        exact += truth == got
-    return {"object_recall": right / max(1, n_true), "object_precision": right / max(1, n_found),
-            "scene_accuracy": exact / max(1, len(scenes)), "images": len(scenes)}
-
-
 @torch.no_grad()
-def decode_scenes(pipe: IllumeDecoderPipeline, tokenizer, scenes, batch_size: int = 50, seed: int = 0,
-                  world=None, **kwargs) -> torch.Tensor:
-    """Render `scenes` at the tokenizer's size, encode them to codes and decode the codes with `pipe`
-    (kwargs: `num_inference_steps`, `guidance_scale`) -> images `(B, 3, S, S)` in [0, 1]."""
+def render_encode_decode(pipe: IllumeDecoderPipeline, tokenizer, scenes, batch_size: int = 50, seed: int = 0,
+                         world=None, **kwargs) -> torch.Tensor:
+    """Render `scenes` at the tokenizer's size (`toyworld.render_batch`), encode them to codes with `tokenizer` and
+    decode the codes with `pipe` (kwargs: `num_inference_steps`, `guidance_scale`) -> images `(B, 3, S, S)` in [0, 1]."""
     antialias = bool(getattr(world, "antialias", False))
     out = []
     for i in range(0, len(scenes), batch_size):
-        codes = tokenizer.encode(render_scenes(scenes[i:i + batch_size], tokenizer.image_size, antialias))
+        codes = tokenizer.encode(render_batch(scenes[i:i + batch_size], tokenizer.image_size, antialias))
         g = torch.Generator(pipe.device).manual_seed(seed + i)
         out.append(pipe(indices=codes, tokenizer=tokenizer, generator=g, output_type="pt", **kwargs).images.cpu())
     return torch.cat(out)
 
 
 def evaluate_decoder(pipe: IllumeDecoderPipeline, tokenizer, num_images: int = 200, seed: int = 0, world=None,
-                     batch_size: int = 50, **kwargs) -> dict[str, float]:
-    "Oracle rates of held-out toy scenes -> codes -> `pipe` (kwargs: `num_inference_steps`, `guidance_scale`)."
-    scenes = held_out_scenes(num_images, world, seed)
+                     batch_size: int = 50, split: str = "test", **kwargs) -> dict[str, float]:
+    """Oracle rates (`oracle.oracle_rates`) of `num_images` scenes of `split` ('val' to choose settings, 'test' to
+    report) rendered, encoded and decoded by `pipe` (kwargs: `num_inference_steps`, `guidance_scale`)."""
+    scenes = sample_scenes(seed, num_images, world, split=split)
     start = time.time()
-    rates = oracle_rates(decode_scenes(pipe, tokenizer, scenes, batch_size, seed, world, **kwargs), scenes)
+    rates = oracle_rates(render_encode_decode(pipe, tokenizer, scenes, batch_size, seed, world, **kwargs), scenes)
     steps = kwargs.get("num_inference_steps") or pipe.config.num_inference_steps
     scale = pipe.config.guidance_scale if kwargs.get("guidance_scale") is None else kwargs["guidance_scale"]
-    return {**rates, "num_inference_steps": steps, "guidance_scale": scale, "seconds": time.time() - start}
+    return {**rates, "split": split, "num_inference_steps": steps, "guidance_scale": scale, "seconds": time.time() - start}
 
 # %% ../nbs/05_decoder.ipynb #5da0e206
 def train_decoder(cfg: IllumeRefConfig, tokenizer, out_dir: str | Path, resume: bool = False, steps: int | None = None,
                   progress: bool = True, device=None, stop_at: int | None = None, eval_images: int = 200,
                   spatial_channels: int | None = None, prediction_type: str | None = None,
-                  keep_last: int = 2) -> tuple[IllumeDecoderPipeline, dict]:
+                  keep_last: int = 2, eval_split: str = "val") -> tuple[IllumeDecoderPipeline, dict]:
     """Train the diffusion decoder of `cfg.decoder` (`steps` overrides `cfg.decoder.train.steps`) to turn
-    `tokenizer.decode_features(tokenizer.encode(images))` back into the images, on fresh toy scenes every step
-    (rendered at the tokenizer's size for the codes, at `decoder.image_size` for the target). Uses the shared
-    `Trainer`: progress bar, warm-up + cosine LR, checkpoints under `out_dir/checkpoints`, exact `resume`. At the end
-    the sampling pipeline (EMA weights when `use_ema`) is saved to `out_dir/pipeline`, and the held-out oracle rates
-    (`eval_images` scenes; 0 skips them) and the history to `out_dir/history.json`. `stop_at` stops early as if
+    `tokenizer.decode_features(tokenizer.encode(images))` back into the images, on fresh toy scenes of the `train`
+    split every step (rendered at the tokenizer's size for the codes, at `decoder.image_size` for the target). Uses the
+    shared `Trainer`: progress bar, warm-up + cosine LR, checkpoints under `out_dir/checkpoints`, exact `resume`. At the
+    end the sampling pipeline (EMA weights when `use_ema`) is saved to `out_dir/pipeline`, and the oracle rates on
+    `eval_images` scenes of `eval_split` (default `val`: these numbers choose between settings; 0 images skips them)
+    and the history to `out_dir/history.json`. `stop_at` stops early as if
     interrupted (nothing final is saved). `spatial_channels` and `prediction_type` override `cfg.decoder`'s;
     `keep_last` checkpoints are kept.
     Returns `(pipeline, history)`."""
-    from illume_ref.training import Trainer
     dcfg = resolve_decoder_config(cfg.decoder, spatial_channels, prediction_type)
     train = dcfg.train if steps is None else dcfg.train.replace(steps=steps)
     device = get_device(device)
@@ -551,9 +515,9 @@ def train_decoder(cfg: IllumeRefConfig, tokenizer, out_dir: str | Path, resume: 
     antialias = bool(cfg.world.antialias)
 
     def step_fn(step: int) -> dict:
-        scenes = toy_scenes(trainer.rng(step), train.batch_size, cfg.world)
-        target = render_scenes(scenes, dcfg.image_size, antialias)
-        seen = target if tokenizer.image_size == dcfg.image_size else render_scenes(scenes, tokenizer.image_size, antialias)
+        scenes = sample_scenes(trainer.rng(step), train.batch_size, cfg.world, split="train")
+        target = render_batch(scenes, dcfg.image_size, antialias)
+        seen = target if tokenizer.image_size == dcfg.image_size else render_batch(scenes, tokenizer.image_size, antialias)
         with torch.no_grad(): features = tokenizer.decode_features(tokenizer.encode(seen))
         return decoder.loss(target.to(device), features)
 
@@ -567,7 +531,7 @@ def train_decoder(cfg: IllumeRefConfig, tokenizer, out_dir: str | Path, resume: 
     pipe = decoder.pipeline()
     pipe.set_progress_bar_config(disable=True)
     if trainer.step < train.steps: return pipe, history          # interrupted on purpose
-    if eval_images: history["eval"] = evaluate_decoder(pipe, tokenizer, eval_images, world=cfg.world)
+    if eval_images: history["eval"] = evaluate_decoder(pipe, tokenizer, eval_images, world=cfg.world, split=eval_split)
     with atomic_dir(Path(out_dir) / "pipeline", last="model_index.json") as tmp: pipe.save_pretrained(tmp)
     save_json(history, Path(out_dir) / "history.json")
     return pipe, history
@@ -590,7 +554,8 @@ def pretrained_toy_decoder(cfg: IllumeRefConfig, tokenizer, steps: int | None = 
     done when its `history.json` (written last) is there and the pipeline loads back (`core.cached_run`)."""
     dcfg = resolve_decoder_config(cfg.decoder, spatial_channels, prediction_type)
     dcfg = dcfg.replace(train=dcfg.train.replace(steps=steps or dcfg.train.steps))
-    key = {"world": cfg.world.to_dict(), "decoder": dcfg.to_dict(), "tokenizer": _fingerprint(tokenizer)}
+    key = {"world": cfg.world.to_dict(), "decoder": dcfg.to_dict(), "tokenizer": _fingerprint(tokenizer),
+           "split": "train", "eval_split": "val"}
 
     def build(folder):
         train_decoder(cfg.replace(decoder=dcfg), tokenizer, folder, resume=True, progress=progress, device=device,
@@ -608,7 +573,6 @@ def bench_decoder(steps=(10, 25, 50), batch_sizes=(1, 16), device="cpu", preset:
     """Time `IllumeDecoderPipeline` sampling for the `preset`'s decoder with random weights (timing only) on `device`:
     one row per (steps, batch size) with `seconds` per batch, `seconds_per_image` and `images_per_second`
     (best of `repeats`, after one warm-up step)."""
-    from illume_ref.config import get_config
     cfg = get_config(preset)
     device = get_device(device)
     decoder = DiffusionDecoder.from_config(cfg.decoder, cfg.encoder.hidden_size * cfg.encoder.token_merge ** 2,

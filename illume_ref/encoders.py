@@ -20,6 +20,8 @@ from PIL import Image
 from .config import EncoderConfig
 from .core import (atomic_dir, cached_run, load_json, load_safetensors, pad_to_square, save_json,
                              save_safetensors, seed_everything)
+from .toyworld import BACKGROUND, COLORS, SHAPES, as_rng, render_batch, sample_scenes
+from tqdm.auto import tqdm
 
 # %% auto #0
 __all__ = ['CLIP_MEAN', 'CLIP_STD', 'IMAGENET_MEAN', 'IMAGENET_STD', 'HALF_MEAN', 'HALF_STD', 'TOY_ARCH_FIELDS', 'merge_tokens',
@@ -431,7 +433,6 @@ def toy_labels(scenes: Sequence, images: torch.Tensor, patch_size: int, backgrou
     Returns per patch (B, G*G) `cell` (0 = background, else 1 + row * grid + col of the covering object),
     `shape` (0 = background, else 1 + index in SHAPES) and `color` (0 = background, else 1 + index in
     COLORS); per image (B, len(SHAPES) * len(COLORS)) `pair_count`, objects of each (shape, colour)."""
-    from illume_ref.toyworld import SHAPES, COLORS, BACKGROUND
     background = BACKGROUND if background is None else background
     B, _, S, _ = images.shape
     g = scenes[0].grid_size
@@ -463,15 +464,13 @@ def toy_labels(scenes: Sequence, images: torch.Tensor, patch_size: int, backgrou
             'pair_count': pair_count}
 
 
-def toy_batch(rng, batch_size: int, image_size: int = 64, patch_size: int = 8, world=None) -> dict[str, Any]:
-    """`batch_size` fresh toy scenes from `rng` (a seed or `random.Random`), rendered at `image_size`:
-    `images` (B, 3, S, S) in [0, 1], `scenes`, and the `toy_labels` on a (S / patch_size)^2 patch grid."""
-    from illume_ref.toyworld import as_rng, render, sample_scene
-    rng = as_rng(rng)
-    antialias = bool(getattr(world, 'antialias', False)) if world is not None else False
-    scenes = [sample_scene(rng, world=world) for _ in range(batch_size)]
-    images = torch.from_numpy(np.stack([np.array(render(s, size=image_size, antialias=antialias)) for s in scenes]))
-    images = images.permute(0, 3, 1, 2).float() / 255
+def toy_batch(rng, batch_size: int, image_size: int = 64, patch_size: int = 8, world=None,
+              split: str | None = None) -> dict[str, Any]:
+    """`batch_size` fresh toy scenes from `rng` (a seed or `random.Random`) of `split` (`toyworld.sample_scenes`),
+    rendered at `image_size` by `toyworld.render_batch`: `images` (B, 3, S, S) in [0, 1], `scenes`, and the
+    `toy_labels` on a (S / patch_size)^2 patch grid."""
+    scenes = sample_scenes(rng, batch_size, world, split)
+    images = render_batch(scenes, image_size, bool(getattr(world, 'antialias', False)))
     return {'images': images, 'scenes': scenes, **toy_labels(scenes, images, patch_size)}
 
 # %% ../nbs/03_encoder.ipynb #e69388d7
@@ -508,11 +507,9 @@ def pretrain_toy_encoder(config: EncoderConfig | None = None, steps: int = 200, 
                          out_dir: str | Path | None = None, progress: bool = True, lr: float = 3e-3,
                          weight_decay: float = 0.05, warmup: int = 20, world=None, device=None,
                          log_every: int = 10) -> tuple[ToyViT, dict]:
-    """Pretrain a `ToyViT` on fresh toy scenes with per-patch shape/colour and per-image pair-count objectives.
+    """Pretrain a `ToyViT` on fresh toy scenes of the `train` split with per-patch shape/colour and per-image pair-count objectives.
     Returns `(model, history)`; history holds `step` and each loss, every `log_every` steps, and `seconds`.
     Saves the model (and `history.json`) to `out_dir` when given. The returned model is in eval mode."""
-    from illume_ref.toyworld import SHAPES, COLORS, as_rng
-    from tqdm.auto import tqdm
     config = config if config is not None else EncoderConfig()
     seed_everything(seed)
     rng = as_rng(seed)
@@ -535,7 +532,7 @@ def pretrain_toy_encoder(config: EncoderConfig | None = None, steps: int = 200, 
     bar = tqdm(range(steps), desc='pretrain ToyViT', disable=not progress)
     running = None
     for step in bar:
-        batch = toy_batch(rng, batch_size, config.image_size, config.patch_size, world=world)
+        batch = toy_batch(rng, batch_size, config.image_size, config.patch_size, world=world, split='train')
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         losses = heads.losses(model.patch_features((batch['images'] - mean) / std), batch)
         opt.zero_grad(set_to_none=True)
@@ -563,10 +560,10 @@ def pretrained_toy_encoder(config: EncoderConfig | None = None, steps: int = 200
     """A ToyViT pretrained with `pretrain_toy_encoder`, loaded from the cache when that exact run was done before
     (else trained and saved there). The returned model uses `config`'s output settings and is in eval mode.
     A run counts as done when its `history.json` (the last file written) is there and the model loads back
-    (`core.cached_run`). The device it trains on is not part of the key."""
+    (`core.cached_run`). The key names the scenes it trains on (the `train` split); the device is not part of it."""
     config = config if config is not None else EncoderConfig()
     arch = {f: getattr(config, f) for f in TOY_ARCH_FIELDS}
-    key = {'arch': arch, 'steps': steps, 'batch_size': batch_size, 'seed': seed,
+    key = {'arch': arch, 'steps': steps, 'batch_size': batch_size, 'seed': seed, 'split': 'train',
            **{k: v for k, v in kwargs.items() if k != 'device'}}
     build = lambda folder: pretrain_toy_encoder(config, steps=steps, batch_size=batch_size, seed=seed, out_dir=folder,
                                                 progress=progress, **kwargs)
@@ -590,17 +587,17 @@ def build_encoder(config: EncoderConfig, device=None, dtype: torch.dtype | None 
 
 # %% ../nbs/03_encoder.ipynb #b23d16d0
 @torch.no_grad()
-def probe_data(encoder: SemanticEncoder, num_images: int, seed: int = 0, world=None,
-               batch_size: int = 128) -> dict[str, torch.Tensor]:
-    """Frozen features of `num_images` fresh toy scenes (rendered at `encoder.image_size`) and their labels on
-    the encoder's token grid: `features` (M, N, C) and the `toy_labels` (`cell`, `shape`, `color`, `pair_count`)."""
-    from illume_ref.toyworld import as_rng
+def probe_data(encoder: SemanticEncoder, num_images: int, seed: int = 0, world=None, batch_size: int = 128,
+               split: str | None = None) -> dict[str, torch.Tensor]:
+    """Frozen features of `num_images` fresh toy scenes of `split` (None: any; rendered at `encoder.image_size`) and
+    their labels on the encoder's token grid: `features` (M, N, C) and the `toy_labels` (`cell`, `shape`, `color`,
+    `pair_count`)."""
     was_training = encoder.training
     encoder.eval()
     rng, feats, labels = as_rng(seed), [], []
     patch = encoder.image_size // encoder.grid                           # pixels per output token
     for start in range(0, num_images, batch_size):
-        b = toy_batch(rng, min(batch_size, num_images - start), encoder.image_size, patch, world=world)
+        b = toy_batch(rng, min(batch_size, num_images - start), encoder.image_size, patch, world=world, split=split)
         feats.append(encoder(encoder.preprocess(b['images'])).float().cpu())
         labels.append({k: v for k, v in b.items() if isinstance(v, torch.Tensor) and k != 'images'})
         labels[-1]['num_objects'] = torch.tensor([len(s) for s in b['scenes']])
@@ -650,12 +647,13 @@ def fit_linear_probe(x_train, y_train, x_test, y_test, steps: int = 100, l2: flo
 
 def linear_probe(encoder: SemanticEncoder, num_train: int = 1000, num_test: int = 400, seed: int = 0, world=None,
                  steps: int = 100, return_majority: bool = False) -> dict[str, float]:
-    """Linear-probe test accuracies of the FROZEN `encoder`'s features on fresh toy scenes:
+    """Linear-probe test accuracies of the FROZEN `encoder`'s features: probes fitted on `num_train` scenes of the
+    `train` split, scored on `num_test` scenes of the `test` split (never seen by the toy encoder's pretraining):
     `patch_shape`, `patch_color` (covered patches), `object_shape`, `object_color`, `object_cell` (features
     pooled over each object's patches) and `count` (image mean). With `return_majority`, also
     `{task}_majority`: the accuracy of always answering the most frequent training label."""
-    train = probe_tasks(probe_data(encoder, num_train, seed=seed, world=world))
-    test = probe_tasks(probe_data(encoder, num_test, seed=seed + 7919, world=world))
+    train = probe_tasks(probe_data(encoder, num_train, seed=seed, world=world, split='train'))
+    test = probe_tasks(probe_data(encoder, num_test, seed=seed + 7919, world=world, split='test'))
     result = {}
     for name in train:
         (xtr, ytr), (xte, yte) = train[name], test[name]

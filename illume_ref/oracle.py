@@ -20,7 +20,7 @@ from .toyworld import (BACKGROUND, COLORS, PALETTE, SHAPES, Scene, ToyObject, dr
 
 # %% auto #0
 __all__ = ['TEMPLATE_SIZE', 'TEMPLATE_BLURS', 'Detection', 'shape_templates', 'classify_silhouette', 'detect', 'detect_scene',
-           'draw_detections', 'perturb', 'oracle_accuracy', 'oracle_robustness', 'plot_robustness']
+           'draw_detections', 'perturb', 'oracle_rates', 'oracle_accuracy', 'oracle_robustness', 'plot_robustness']
 
 # %% ../nbs/01a_oracle.ipynb #09c66291
 @dataclass
@@ -176,19 +176,30 @@ def perturb(image, noise: float = 0., blur: float = 0., shift: float = 0., rng=N
     return Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8))
 
 
+def oracle_rates(images, scenes: Sequence[Scene]) -> dict[str, float]:
+    """How well the oracle reads `scenes` back from `images` (anything `to_rgb_array` reads: PIL images, arrays, or a
+    `(B, 3, S, S)` tensor in [0, 1]), matching shape, colour and cell: `object_recall` (right / true objects),
+    `object_precision` (right / detected objects), `scene_accuracy` (every object right, nothing extra), `images`."""
+    if len(images) != len(scenes): raise ValueError(f"got {len(images)} images for {len(scenes)} scenes")
+    right = n_true = n_found = exact = 0
+    for img, scene in zip(images, scenes):
+        truth, got = Counter(scene.objects), Counter(detect_scene(img, scene.grid_size).objects)
+        right += sum((truth & got).values()); n_true += sum(truth.values()); n_found += sum(got.values())
+        exact += truth == got
+    return {'object_recall': right / max(1, n_true), 'object_precision': right / max(1, n_found),
+            'scene_accuracy': exact / max(1, len(scenes)), 'images': len(scenes)}
+
+
 def oracle_accuracy(n: int = 200, seed: int = 0, image_size: int = 64, antialias: bool = False,
                     noise: float = 0., blur: float = 0., shift: float = 0., **world) -> dict:
     "Scene accuracy (exact read-back) and object precision/recall of `detect` on `n` perturbed random renders."
     rng = random.Random(seed)
-    exact = tp = n_true = n_found = 0
-    for i in range(n):
-        scene = sample_scene(rng, **world)
-        img = perturb(render(scene, image_size, antialias), noise, blur, shift, rng)
-        found = detect_scene(img, scene.grid_size)
-        exact += found == scene
-        truth = Counter(scene.objects); got = Counter(found.objects)
-        tp += sum((truth & got).values()); n_true += len(scene); n_found += len(found)
-    return {'scene_accuracy': exact / n, 'object_recall': tp / max(1, n_true), 'object_precision': tp / max(1, n_found)}
+    scenes, images = [], []
+    for _ in range(n):
+        scenes.append(sample_scene(rng, **world))
+        images.append(perturb(render(scenes[-1], image_size, antialias), noise, blur, shift, rng))
+    r = oracle_rates(images, scenes)
+    return {k: r[k] for k in ('scene_accuracy', 'object_recall', 'object_precision')}
 
 
 def oracle_robustness(noise_levels=(0, 10, 20, 30, 40, 60), blur_radii=(0, 0.5, 1, 1.5, 2, 3),

@@ -5,26 +5,30 @@
 # %% ../nbs/04_tokenizer.ipynb #c78daa32
 from __future__ import annotations
 
+import copy
 import math
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
-from .config import IllumeRefConfig, QuantizerConfig, TokenizerConfig
-from .core import atomic_dir, cached_run, cached_run_dir, load_json, load_safetensors, save_json, save_safetensors
-from .encoders import (Block, SemanticEncoder, ToyViT, VisionTower, build_encoder, images_to_tensor,
-                                 pretrained_toy_encoder)
+from .config import IllumeRefConfig, QuantizerConfig, TokenizerConfig, get_config
+from .core import (atomic_dir, cached_run, cached_run_dir, get_device, load_json, load_safetensors, save_json,
+                             save_safetensors, seed_everything)
+from .encoders import (Block, SemanticEncoder, ToyViT, VisionTower, build_encoder, fit_linear_probe,
+                                 images_to_tensor, pretrained_toy_encoder, probe_tasks, toy_batch)
 from .quantizer import VectorQuantizer, perplexity
+from .toyworld import as_rng, render_batch, sample_scenes
+from .training import Trainer
 
 # %% auto #0
 __all__ = ['TOKENIZERS', 'build_quantizer', 'FeatureDecoder', 'VisionTokenizer', 'SemanticVisionTokenizer', 'ResBlock',
-           'ConvEncoder', 'ConvDecoder', 'ReconstructionTokenizer', 'load_tokenizer', 'toy_images', 'held_out_images',
-           'evaluate_tokenizer', 'default_encoder', 'build_tokenizer', 'train_tokenizer', 'toy_tokenizer_dir',
+           'ConvEncoder', 'ConvDecoder', 'ReconstructionTokenizer', 'load_tokenizer', 'evaluate_tokenizer',
+           'pretrained_or_trained_encoder', 'build_tokenizer', 'train_tokenizer', 'toy_tokenizer_dir',
            'pretrained_toy_tokenizer', 'code_probe_data', 'code_probe', 'code_map', 'feature_pca_images']
 
 # %% ../nbs/04_tokenizer.ipynb #b310e601
@@ -65,7 +69,7 @@ class FeatureDecoder(nn.Module):
 # %% ../nbs/04_tokenizer.ipynb #d7de6939
 class VisionTokenizer(nn.Module):
     """Base of both tokenizers: images `(B, 3, S, S)` in [0, 1] (or PIL images) -> code indices `(B, N)`
-    -> features `(B, N, feature_dim)`. Subclasses define `quantizer`, `image_size`, `latents(pixels)`
+    -> features `(B, N, feature_dim)`. Subclasses define `quantizer`, `image_size`, `quantizer_input(pixels)`
     (the vectors that are quantized), `decode_features` and `config_dict()`."""
     architecture = 'VisionTokenizer'
     image_size: int
@@ -139,7 +143,7 @@ class VisionTokenizer(nn.Module):
         return features
 
     # -- images -> codes -> features ------------------------------------------------------------
-    def latents(self, pixels: torch.Tensor) -> torch.Tensor:
+    def quantizer_input(self, pixels: torch.Tensor) -> torch.Tensor:
         "pixels (B, 3, S, S) in [0, 1] -> the (B, N, dim) vectors the quantizer sees."
         raise NotImplementedError
 
@@ -147,7 +151,7 @@ class VisionTokenizer(nn.Module):
     def encode(self, images, batch_size: int = 256) -> torch.Tensor:
         "Images (PIL list or `(B, 3, S, S)` in [0, 1]) -> code indices, LongTensor `(B, N)`. Never updates any state."
         x = self.pixels(images)
-        return torch.cat([self.quantizer.encode(self.latents(x[i:i + batch_size])) for i in range(0, len(x), batch_size)])
+        return torch.cat([self.quantizer.encode(self.quantizer_input(x[i:i + batch_size])) for i in range(0, len(x), batch_size)])
 
     def decode_features(self, indices: torch.Tensor) -> torch.Tensor:
         "Code indices (B, N) -> features (B, N, feature_dim)."
@@ -217,7 +221,9 @@ class VisionTokenizer(nn.Module):
 class SemanticVisionTokenizer(VisionTokenizer):
     """ILLUME's vision tokenizer (§3.1, Fig. 3b): frozen `encoder` (B, 3, S, S) -> features (B, N, C) ->
     `VectorQuantizer` -> indices (B, N) -> `FeatureDecoder` -> reconstructed features (B, N, C), trained
-    with a feature reconstruction loss (cosine + MSE) and the VQ losses."""
+    with a feature reconstruction loss (cosine + MSE) and the VQ losses. The tokenizer keeps its own frozen
+    copy of `encoder`: the caller's module is left as it was (stage 3 trains the MLLM's vision encoder; the
+    codes must not move with it)."""
     architecture = 'SemanticVisionTokenizer'
 
     def __init__(self, encoder: SemanticEncoder, quantizer_config: QuantizerConfig | None = None,
@@ -231,7 +237,7 @@ class SemanticVisionTokenizer(VisionTokenizer):
             raise ValueError(f"tokenizer config asks for {tcfg.tokens_per_image} tokens per image, but the encoder gives "
                              f"{encoder.num_tokens} ({encoder.grid}x{encoder.grid} at {encoder.image_size} px)")
         self.quantizer_config, self.tokenizer_config = qcfg, tcfg
-        self.encoder = encoder.requires_grad_(False).eval()
+        self.encoder = copy.deepcopy(encoder).requires_grad_(False).eval()     # its own frozen copy
         self.image_size = encoder.image_size
         C = encoder.output_dim
         self.quantizer = build_quantizer(C, qcfg)
@@ -252,7 +258,7 @@ class SemanticVisionTokenizer(VisionTokenizer):
         self.encoder.eval()                                  # frozen: no dropout, no statistics updates
         return self
 
-    def latents(self, pixels: torch.Tensor) -> torch.Tensor:
+    def quantizer_input(self, pixels: torch.Tensor) -> torch.Tensor:
         "pixels (B, 3, S, S) in [0, 1] (checked by `pixels`) -> frozen encoder features (B, N, C), float32."
         enc = self.encoder
         mean = torch.tensor(enc.image_mean, device=pixels.device).view(1, 3, 1, 1)
@@ -273,7 +279,7 @@ class SemanticVisionTokenizer(VisionTokenizer):
     def forward(self, images) -> dict[str, Any]:
         """Images -> dict(loss, features (B, N, C) target, recon (B, N, C), indices (B, N), metrics) where
         metrics holds `cosine`, `mse`, `vq_loss`, `perplexity` and `usage` as 0-d tensors."""
-        target = self.latents(self.pixels(images))
+        target = self.quantizer_input(self.pixels(images))
         q = self.quantizer(target)
         recon = self.decoder(q.quantized)
         cosine = F.cosine_similarity(recon, target, dim=-1).mean()
@@ -364,10 +370,10 @@ def _stage_channels(channels, stages: int) -> list[int]:
 
 
 class ConvEncoder(nn.Sequential):
-    """(B, 3, S, S) in [-1, 1] -> (B, latent_dim, grid, grid): a stem convolution (a patchify one when
+    """(B, 3, S, S) in [-1, 1] -> (B, embed_dim, grid, grid): a stem convolution (a patchify one when
     `S / grid` has an odd factor), stride-2 4x4 convolutions, `res_blocks` residual blocks at the token grid."""
 
-    def __init__(self, image_size: int, grid: int, channels, latent_dim: int, res_blocks: int = 2):
+    def __init__(self, image_size: int, grid: int, channels, embed_dim: int, res_blocks: int = 2):
         twos, odd = _factors(image_size, grid)
         ch = _stage_channels(channels, twos)
         layers = [nn.Conv2d(3, ch[0], odd, stride=odd) if odd > 1 else nn.Conv2d(3, ch[0], 3, padding=1)]
@@ -375,18 +381,18 @@ class ConvEncoder(nn.Sequential):
             layers += [nn.GroupNorm(_groups(ch[i]), ch[i]), nn.SiLU(), nn.Conv2d(ch[i], ch[i + 1], 4, stride=2, padding=1)]
         c = ch[twos]
         layers += [ResBlock(c) for _ in range(res_blocks)]
-        layers += [nn.GroupNorm(_groups(c), c), nn.SiLU(), nn.Conv2d(c, latent_dim, 1)]
+        layers += [nn.GroupNorm(_groups(c), c), nn.SiLU(), nn.Conv2d(c, embed_dim, 1)]
         super().__init__(*layers)
 
 
 class ConvDecoder(nn.Sequential):
-    """(B, latent_dim, grid, grid) -> (B, 3, S, S) (unbounded; the target range is [-1, 1]): the encoder
+    """(B, embed_dim, grid, grid) -> (B, 3, S, S) (unbounded; the target range is [-1, 1]): the encoder
     mirrored, with 4x4 stride-2 transposed convolutions (cheaper than upsample + 3x3 at full resolution)."""
 
-    def __init__(self, image_size: int, grid: int, channels, latent_dim: int, res_blocks: int = 2):
+    def __init__(self, image_size: int, grid: int, channels, embed_dim: int, res_blocks: int = 2):
         twos, odd = _factors(image_size, grid)
         ch = _stage_channels(channels, twos)
-        layers = [nn.Conv2d(latent_dim, ch[twos], 3, padding=1)] + [ResBlock(ch[twos]) for _ in range(res_blocks)]
+        layers = [nn.Conv2d(embed_dim, ch[twos], 3, padding=1)] + [ResBlock(ch[twos]) for _ in range(res_blocks)]
         for i in reversed(range(twos)):
             layers += [nn.GroupNorm(_groups(ch[i + 1]), ch[i + 1]), nn.SiLU(),
                        nn.ConvTranspose2d(ch[i + 1], ch[i], 4, stride=2, padding=1)]
@@ -398,13 +404,14 @@ class ConvDecoder(nn.Sequential):
 class ReconstructionTokenizer(VisionTokenizer):
     """A VQGAN-style tokenizer trained on *pixel* reconstruction (the Fig. 6 baseline): `ConvEncoder` ->
     the same `VectorQuantizer` -> `ConvDecoder`. Same code count and token grid as the semantic
-    tokenizer; `decode(indices)` gives images, `decode_features(indices)` the quantized latents (B, N, C).
-    Widths default to `tokenizer_config.decoder_hidden` h: channels (h/8, h/4, h/2) per resolution, latents of h."""
+    tokenizer; `decode(indices)` gives images, `decode_features(indices)` the quantized encoder outputs (B, N, C).
+    Widths default to `tokenizer_config.decoder_hidden` h: channels (h/8, h/4, h/2) per resolution, codes (`embed_dim`,
+    VQGAN's name) of h."""
     architecture = 'ReconstructionTokenizer'
 
     def __init__(self, image_size: int = 64, quantizer_config: QuantizerConfig | None = None,
                  tokenizer_config: TokenizerConfig | None = None, channels: tuple[int, ...] | None = None,
-                 latent_dim: int | None = None, res_blocks: int = 2, l1_weight: float = 1.0, mse_weight: float = 1.0):
+                 embed_dim: int | None = None, res_blocks: int = 2, l1_weight: float = 1.0, mse_weight: float = 1.0):
         super().__init__()
         qcfg = quantizer_config if quantizer_config is not None else QuantizerConfig()
         tcfg = tokenizer_config if tokenizer_config is not None else TokenizerConfig()
@@ -412,11 +419,11 @@ class ReconstructionTokenizer(VisionTokenizer):
         h = tcfg.decoder_hidden                      # one width knob for both tokenizers: toy 128 -> (16, 32, 64)
         channels = channels if channels is not None else (max(4, h // 8), max(4, h // 4), max(4, h // 2))
         self.image_size, self.channels = image_size, tuple(int(c) for c in channels)
-        self.latent_dim, self.res_blocks = latent_dim or tcfg.decoder_hidden, res_blocks
+        self.embed_dim, self.res_blocks = embed_dim or tcfg.decoder_hidden, res_blocks
         self.l1_weight, self.mse_weight = l1_weight, mse_weight
-        self.encoder = ConvEncoder(image_size, tcfg.grid, self.channels, self.latent_dim, res_blocks)
-        self.quantizer = build_quantizer(self.latent_dim, qcfg)
-        self.decoder = ConvDecoder(image_size, tcfg.grid, self.channels, self.latent_dim, res_blocks)
+        self.encoder = ConvEncoder(image_size, tcfg.grid, self.channels, self.embed_dim, res_blocks)
+        self.quantizer = build_quantizer(self.embed_dim, qcfg)
+        self.decoder = ConvDecoder(image_size, tcfg.grid, self.channels, self.embed_dim, res_blocks)
 
     @classmethod
     def from_config(cls, cfg: IllumeRefConfig, **kwargs) -> 'ReconstructionTokenizer':
@@ -424,22 +431,22 @@ class ReconstructionTokenizer(VisionTokenizer):
         return cls(cfg.encoder.image_size, cfg.quantizer, cfg.tokenizer, **kwargs)
 
     @property
-    def feature_dim(self) -> int: return self.latent_dim
+    def feature_dim(self) -> int: return self.embed_dim
 
     def own_state_dict(self) -> dict[str, torch.Tensor]: return self.state_dict()    # its encoder is trained: keep it
 
-    def latents(self, pixels: torch.Tensor) -> torch.Tensor:
-        "pixels (B, 3, S, S) in [0, 1] -> conv latents flattened to (B, N, latent_dim)."
+    def quantizer_input(self, pixels: torch.Tensor) -> torch.Tensor:
+        "pixels (B, 3, S, S) in [0, 1] -> the conv encoder's output flattened to (B, N, embed_dim)."
         z = self.encoder(pixels * 2 - 1)                                     # (B, C, grid, grid)
         return z.flatten(2).transpose(1, 2)
 
     def _to_pixels(self, quantized: torch.Tensor) -> torch.Tensor:
-        "(B, N, C) quantized latents -> raw decoder output (B, 3, S, S) in the [-1, 1] scale."
+        "(B, N, C) quantized vectors -> raw decoder output (B, 3, S, S) in the [-1, 1] scale."
         B, N, C = quantized.shape
         return self.decoder(quantized.transpose(1, 2).reshape(B, C, self.grid, self.grid))
 
     def decode_features(self, indices: torch.Tensor) -> torch.Tensor:
-        "Code indices (B, N) -> quantized latents (B, N, latent_dim)."
+        "Code indices (B, N) -> quantized vectors (B, N, embed_dim)."
         return self.lookup(indices)
 
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
@@ -447,10 +454,10 @@ class ReconstructionTokenizer(VisionTokenizer):
         return ((self._to_pixels(self.decode_features(indices)) + 1) / 2).clamp(0, 1)
 
     def forward(self, images) -> dict[str, Any]:
-        """Images -> dict(loss, features (B, N, C) latents, recon (B, 3, S, S) in [0, 1], indices (B, N), metrics)
+        """Images -> dict(loss, features (B, N, C) conv encoder outputs, recon (B, 3, S, S) in [0, 1], indices (B, N), metrics)
         with metrics `l1`, `mse`, `psnr` (on [0, 1] pixels), `vq_loss`, `perplexity`, `usage`."""
         x = self.pixels(images)
-        z = self.latents(x)
+        z = self.quantizer_input(x)
         q = self.quantizer(z)
         out = self._to_pixels(q.quantized)
         target = x * 2 - 1
@@ -463,7 +470,7 @@ class ReconstructionTokenizer(VisionTokenizer):
         return {'loss': loss, 'features': z, 'recon': recon, 'indices': q.indices, 'metrics': metrics}
 
     def config_dict(self) -> dict:
-        return {'channels': list(self.channels), 'latent_dim': self.latent_dim, 'res_blocks': self.res_blocks, 'l1_weight': self.l1_weight,
+        return {'channels': list(self.channels), 'embed_dim': self.embed_dim, 'res_blocks': self.res_blocks, 'l1_weight': self.l1_weight,
                 'mse_weight': self.mse_weight, 'quantizer': self.quantizer_config.to_dict(),
                 'tokenizer': self.tokenizer_config.to_dict()}
 
@@ -474,9 +481,10 @@ class ReconstructionTokenizer(VisionTokenizer):
         (`trust_remote_code` is accepted like every tokenizer's: this one loads no code of any kind.)"""
         path = Path(path).expanduser()
         saved = cls._read_config(path, cls.architecture)
+        embed_dim = saved.get('embed_dim', saved.get('latent_dim'))     # 'latent_dim': the key of older folders
         tok = cls(saved['image_size'], QuantizerConfig.from_dict(saved['quantizer']), TokenizerConfig.from_dict(saved['tokenizer']),
-                  channels=tuple(saved['channels']), latent_dim=saved['latent_dim'], res_blocks=saved['res_blocks'], l1_weight=saved['l1_weight'],
-                  mse_weight=saved['mse_weight'])
+                  channels=tuple(saved['channels']), embed_dim=embed_dim, res_blocks=saved['res_blocks'],
+                  l1_weight=saved['l1_weight'], mse_weight=saved['mse_weight'])
         tok.load_own_state(load_safetensors(path / 'model.safetensors'), where=f"the checkpoint '{path}'")
         tok.check_against(config, where=f"the tokenizer at '{path}'")
         tok.eval()
@@ -498,25 +506,10 @@ def load_tokenizer(path: str | Path, config: IllumeRefConfig | None = None, trus
         raise ValueError(f"'{path}' holds a {arch or 'unknown'} model, not a tokenizer (expected one of {', '.join(TOKENIZERS)})")
     return TOKENIZERS[arch].from_pretrained(path, config=config, trust_remote_code=trust_remote_code, **kwargs)
 
-# %% ../nbs/04_tokenizer.ipynb #706147e6
-def toy_images(rng, n: int, image_size: int = 64, world=None) -> torch.Tensor:
-    "`n` fresh toy scenes drawn from `rng` (a seed or `random.Random`), rendered -> `(n, 3, S, S)` float in [0, 1]."
-    from illume_ref.toyworld import as_rng, render, sample_scene
-    rng = as_rng(rng)
-    antialias = bool(getattr(world, 'antialias', False)) if world is not None else False
-    arrays = [np.asarray(render(sample_scene(rng, world=world), size=image_size, antialias=antialias)) for _ in range(n)]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
-
-
-def held_out_images(n: int, image_size: int = 64, world=None, seed: int = 0) -> torch.Tensor:
-    "`n` toy images from a generator no training run uses (training draws from `Trainer.rng(step)`)."
-    import random
-    return toy_images(random.Random(f"illume_ref/tokenizer/held-out/{seed}"), n, image_size, world)
-
 # %% ../nbs/04_tokenizer.ipynb #b9e79d3a
 @torch.no_grad()
 def evaluate_tokenizer(tokenizer: VisionTokenizer, images: torch.Tensor, batch_size: int = 128) -> dict[str, float]:
-    """Held-out metrics: `usage` (fraction of the K codes used at least once), `perplexity` of the code
+    """Metrics on `images` (held out: scenes of the `test` split): `usage` (fraction of the K codes used at least once), `perplexity` of the code
     histogram, `codes_used`; semantic: `cosine` (mean over tokens of cos(decoded, encoder features)) and `mse`;
     reconstruction: `psnr` (dB) and `l1` of decoded images in [0, 1]."""
     was_training = tokenizer.training
@@ -526,7 +519,7 @@ def evaluate_tokenizer(tokenizer: VisionTokenizer, images: torch.Tensor, batch_s
     x_all = tokenizer.pixels(images)
     for i in range(0, len(x_all), batch_size):
         x = x_all[i:i + batch_size]
-        z = tokenizer.latents(x)
+        z = tokenizer.quantizer_input(x)
         idx = tokenizer.quantizer.encode(z)
         counts += torch.bincount(idx.flatten(), minlength=tokenizer.num_codes)
         if isinstance(tokenizer, SemanticVisionTokenizer):
@@ -543,10 +536,10 @@ def evaluate_tokenizer(tokenizer: VisionTokenizer, images: torch.Tensor, batch_s
     return out | {k: v / len(x_all) for k, v in sums.items()}
 
 # %% ../nbs/04_tokenizer.ipynb #5384bb37
-def default_encoder(cfg: IllumeRefConfig, progress: bool = True) -> SemanticEncoder:
-    """The frozen encoder a semantic tokenizer for `cfg` uses: the toy ViT pretrained on the toy world
-    (`pretrained_toy_encoder`, trained once and cached) for a toy encoder without weights, else
-    `build_encoder(cfg.encoder)` (a saved toy ViT, or an HF tower)."""
+def pretrained_or_trained_encoder(cfg: IllumeRefConfig, progress: bool = True) -> SemanticEncoder:
+    """The encoder a semantic tokenizer for `cfg` uses: `build_encoder(cfg.encoder)` when the config names weights
+    (a saved toy ViT, or an HF tower), else the toy ViT pretrained on the toy world by `pretrained_toy_encoder`:
+    loaded from the cache, or, on first use, **trained now** (minutes on a CPU) and cached."""
     if cfg.encoder.kind == 'toy_vit' and not cfg.encoder.name_or_path:
         return pretrained_toy_encoder(cfg.encoder, progress=progress)
     return build_encoder(cfg.encoder)
@@ -554,10 +547,12 @@ def default_encoder(cfg: IllumeRefConfig, progress: bool = True) -> SemanticEnco
 
 def build_tokenizer(cfg: IllumeRefConfig, kind: str = 'semantic', encoder: SemanticEncoder | None = None,
                     progress: bool = True) -> VisionTokenizer:
-    """An untrained tokenizer for `cfg`: `kind='semantic'` on `encoder` (default: `default_encoder(cfg)`), or
-    `kind='reconstruction'`, the pixel VQ baseline with the same code count and token grid."""
+    """An untrained tokenizer for `cfg`: `kind='semantic'` on (a frozen copy of) `encoder` (default:
+    `pretrained_or_trained_encoder(cfg)`, which may train the toy ViT first), or `kind='reconstruction'`, the pixel VQ
+    baseline with the same code count and token grid."""
     if kind == 'semantic':
-        return SemanticVisionTokenizer.from_config(cfg, encoder if encoder is not None else default_encoder(cfg, progress))
+        encoder = encoder if encoder is not None else pretrained_or_trained_encoder(cfg, progress)
+        return SemanticVisionTokenizer.from_config(cfg, encoder)
     if kind == 'reconstruction':
         return ReconstructionTokenizer.from_config(cfg)
     raise ValueError(f"unknown tokenizer kind '{kind}': expected 'semantic' or 'reconstruction'")
@@ -567,18 +562,17 @@ def train_tokenizer(cfg: IllumeRefConfig, out_dir: str | Path, kind: str = 'sema
                     steps: int | None = None, progress: bool = True, encoder: SemanticEncoder | None = None,
                     device=None, stop_at: int | None = None, eval_images: int = 512) -> tuple[VisionTokenizer, dict]:
     """Train a `kind` ('semantic' | 'reconstruction') tokenizer with `cfg.tokenizer.train` (`steps` overrides
-    its step count) on fresh toy scenes; checkpoints under `out_dir/checkpoints`, `resume=True` continues
-    from the latest. At the end: held-out metrics, `save_pretrained(out_dir)` and `out_dir/history.json`.
+    its step count) on fresh toy scenes of the `train` split; checkpoints under `out_dir/checkpoints`, `resume=True`
+    continues from the latest. At the end: metrics on `eval_images` scenes of the `test` split (`history['eval']`),
+    `save_pretrained(out_dir)` and `out_dir/history.json`.
     `stop_at` stops early as if interrupted (nothing final is saved). Returns `(tokenizer, history)` with
     history = {'kind', 'train': [logged dicts], 'eval': held-out metrics, 'steps', 'seconds' (wall clock of this
     call's training), 'cpu_seconds' (CPU time of this process: all threads)}."""
-    from illume_ref.core import get_device, save_json, seed_everything
-    from illume_ref.training import Trainer
     train = cfg.tokenizer.train if steps is None else cfg.tokenizer.train.replace(steps=steps)
     device = get_device(device)
     if kind not in ('semantic', 'reconstruction'):
         raise ValueError(f"unknown tokenizer kind '{kind}': expected 'semantic' or 'reconstruction'")
-    if kind == 'semantic' and encoder is None: encoder = default_encoder(cfg, progress)   # may pretrain + cache it
+    if kind == 'semantic' and encoder is None: encoder = pretrained_or_trained_encoder(cfg, progress)   # may train it
     seed_everything(train.seed)                                       # initial weights depend on the seed alone
     tokenizer = build_tokenizer(cfg, kind, encoder).to(device)
     trainable = [p for p in tokenizer.parameters() if p.requires_grad]
@@ -587,10 +581,11 @@ def train_tokenizer(cfg: IllumeRefConfig, out_dir: str | Path, kind: str = 'sema
     optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=(0.9, 0.99))
     trainer = Trainer({'tokenizer': tokenizer}, optimizer, train, out_dir, resume=resume, device=device,
                       desc=f'{kind} tokenizer', progress=progress)
-    S = tokenizer.image_size
+    S, antialias = tokenizer.image_size, bool(cfg.world.antialias)
 
     def step_fn(step: int) -> dict:
-        out = tokenizer(toy_images(trainer.rng(step), train.batch_size, S, cfg.world).to(device))
+        scenes = sample_scenes(trainer.rng(step), train.batch_size, cfg.world, split='train')
+        out = tokenizer(render_batch(scenes, S, antialias).to(device))
         return {'loss': out['loss'], **out['metrics']}
 
     start, cpu_start = time.time(), time.process_time()
@@ -600,7 +595,8 @@ def train_tokenizer(cfg: IllumeRefConfig, out_dir: str | Path, kind: str = 'sema
     history = {'kind': kind, 'train': trainer.history, 'steps': trainer.step, 'seconds': seconds,
                'cpu_seconds': cpu_seconds, 'eval': None}
     if trainer.step < train.steps: return tokenizer, history            # interrupted on purpose
-    history['eval'] = evaluate_tokenizer(tokenizer, held_out_images(eval_images, S, cfg.world))
+    held_out = render_batch(sample_scenes(0, eval_images, cfg.world, split='test'), S, antialias)
+    history['eval'] = {**evaluate_tokenizer(tokenizer, held_out), 'split': 'test'}
     tokenizer.save_pretrained(out_dir)
     save_json(history, Path(out_dir) / 'history.json')
     return tokenizer, history
@@ -613,11 +609,10 @@ def toy_tokenizer_dir(cfg: IllumeRefConfig | None = None, kind: str = 'semantic'
 
 
 def _toy_tokenizer_key(cfg: IllumeRefConfig | None, kind: str, steps: int | None) -> dict:
-    from illume_ref.config import get_config
     cfg = cfg if cfg is not None else get_config('toy')
     parts = {k: getattr(cfg, k).to_dict() for k in ('world', 'encoder', 'quantizer', 'tokenizer')}
     for bookkeeping in ('log_every', 'save_every'): parts['tokenizer']['train'].pop(bookkeeping)   # do not change the weights
-    return {'kind': kind, 'steps': steps, **parts}
+    return {'kind': kind, 'steps': steps, 'split': 'train', **parts}      # trained on the train split's scenes
 
 
 def pretrained_toy_tokenizer(cfg: IllumeRefConfig | None = None, kind: str = 'semantic', steps: int | None = None,
@@ -626,7 +621,6 @@ def pretrained_toy_tokenizer(cfg: IllumeRefConfig | None = None, kind: str = 'se
     loaded from the cache when that exact run (same world, encoder, quantizer and tokenizer configs) was done
     before, else trained there (resuming an interrupted run). A run counts as done when its `history.json`, the
     last file `train_tokenizer` writes, is there and the tokenizer loads back from it (`core.cached_run`)."""
-    from illume_ref.config import get_config
     cfg = cfg if cfg is not None else get_config('toy')
     build = lambda folder: train_tokenizer(cfg, folder, kind, resume=True, steps=steps, progress=progress)
     return cached_run(f'tokenizer-{kind}', _toy_tokenizer_key(cfg, kind, steps), build,
@@ -634,16 +628,15 @@ def pretrained_toy_tokenizer(cfg: IllumeRefConfig | None = None, kind: str = 'se
 
 # %% ../nbs/04_tokenizer.ipynb #adc8225e
 @torch.no_grad()
-def code_probe_data(tokenizer: VisionTokenizer, num_images: int, seed: int = 0, world=None,
-                    batch_size: int = 128) -> dict[str, torch.Tensor]:
-    """One-hot code grids `features` (M, N, K) of `num_images` fresh toy scenes and their `toy_labels` on the
-    tokenizer's token grid (`cell`, `shape`, `color`, `pair_count`, `num_objects`), as `probe_tasks` expects."""
-    from illume_ref.encoders import toy_batch
-    from illume_ref.toyworld import as_rng
+def code_probe_data(tokenizer: VisionTokenizer, num_images: int, seed: int = 0, world=None, batch_size: int = 128,
+                    split: str | None = None) -> dict[str, torch.Tensor]:
+    """One-hot code grids `features` (M, N, K) of `num_images` fresh toy scenes of `split` (None: any) and their
+    `toy_labels` on the tokenizer's token grid (`cell`, `shape`, `color`, `pair_count`, `num_objects`), as
+    `probe_tasks` expects."""
     rng, feats, labels = as_rng(seed), [], []
     patch = tokenizer.image_size // tokenizer.grid                        # pixels per token
     for start in range(0, num_images, batch_size):
-        b = toy_batch(rng, min(batch_size, num_images - start), tokenizer.image_size, patch, world=world)
+        b = toy_batch(rng, min(batch_size, num_images - start), tokenizer.image_size, patch, world=world, split=split)
         feats.append(F.one_hot(tokenizer.encode(b['images']).cpu(), tokenizer.num_codes).float())
         labels.append({k: v for k, v in b.items() if isinstance(v, torch.Tensor) and k != 'images'})
         labels[-1]['num_objects'] = torch.tensor([len(s) for s in b['scenes']])
@@ -655,17 +648,15 @@ def code_probe_data(tokenizer: VisionTokenizer, num_images: int, seed: int = 0, 
 def code_probe(tokenizer: VisionTokenizer, num_train: int = 1000, num_test: int = 400, seed: int = 0, world=None,
                steps: int = 100) -> dict[str, float]:
     """Linear-probe test accuracies from one-hot codes (see `code_probe_data`) for notebook 03's tasks:
-    `patch_shape`, `patch_color`, `object_shape`, `object_color`, `object_cell`, `count`. The test images use
-    seed `seed + 7919`, as `encoders.linear_probe` does, so the numbers compare with the encoder's."""
-    from illume_ref.encoders import fit_linear_probe, probe_tasks
-    train = probe_tasks(code_probe_data(tokenizer, num_train, seed, world))
-    test = probe_tasks(code_probe_data(tokenizer, num_test, seed + 7919, world))
+    `patch_shape`, `patch_color`, `object_shape`, `object_color`, `object_cell`, `count`. Fitted on `train` scenes,
+    scored on `test` scenes (seed `seed + 7919`), as `encoders.linear_probe` does, so the numbers compare."""
+    train = probe_tasks(code_probe_data(tokenizer, num_train, seed, world, split='train'))
+    test = probe_tasks(code_probe_data(tokenizer, num_test, seed + 7919, world, split='test'))
     return {name: fit_linear_probe(*train[name], *test[name], steps=steps) for name in train}
 
 # %% ../nbs/04_tokenizer.ipynb #e3d0c512
 def code_map(indices: torch.Tensor, num_codes: int, size: int = 64, seed: int = 0) -> list:
     "Code grids `(B, N)` -> PIL images `size` px wide, one random (seeded) colour per code: a picture of the tokens."
-    from PIL import Image
     colors = (torch.rand(num_codes, 3, generator=torch.Generator().manual_seed(seed)) * 255).to(torch.uint8)
     g = math.isqrt(indices.shape[1])
     grids = colors[indices.cpu()].reshape(-1, g, g, 3).numpy()
@@ -675,7 +666,6 @@ def code_map(indices: torch.Tensor, num_codes: int, size: int = 64, seed: int = 
 def feature_pca_images(features: torch.Tensor, reference: torch.Tensor | None = None, size: int = 64) -> list:
     """Features `(B, N, C)` on a square grid -> PIL images (`size` px): their projection on the first three
     principal components of `reference` (default: `features`), each scaled to [0, 1] by its 1st-99th percentiles."""
-    from PIL import Image
     ref = (features if reference is None else reference).reshape(-1, features.shape[-1]).float()
     mean = ref.mean(0)
     _, _, V = torch.linalg.svd(ref - mean, full_matrices=False)

@@ -8,12 +8,14 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from illume_ref.config import QuantizerConfig, get_config
 from illume_ref.decoder import (ConditionProjector, DiffusionDecoder, IllumeDecoderPipeline, WarmupEMA,
-                                adapt_cross_attention, add_input_channels, bench_decoder, format_bench_decoder, held_out_scenes,
-                                images_to_sample, noise_schedule, oracle_rates, render_scenes, sample_to_images,
-                                sampling_scheduler, train_decoder, pretrained_toy_decoder, resolve_decoder_config,
-                                seen_in_training, toy_scenes)
+                                adapt_cross_attention, add_input_channels, bench_decoder, evaluate_decoder,
+                                format_bench_decoder, images_to_sample, noise_schedule, render_encode_decode,
+                                sample_to_images, sampling_scheduler, train_decoder, pretrained_toy_decoder,
+                                resolve_decoder_config, seen_in_training)
 from illume_ref.encoders import ToyViT
 from illume_ref.tokenizer import SemanticVisionTokenizer
+from illume_ref.toyworld import render_batch, sample_scenes, scene_split
+from illume_ref.training import step_rng
 
 
 def tiny_cfg(**decoder):
@@ -171,7 +173,7 @@ def test_pretrained_unet_and_vae_loading(tmp_path):
 
 
 def test_pipeline_determinism_and_round_trip(pipe, tokenizer, tmp_path):
-    codes = tokenizer.encode(render_scenes(held_out_scenes(2), 64))
+    codes = tokenizer.encode(render_batch(sample_scenes(0, 2, split='test'), 64))
     run = lambda p, seed: p(indices=codes, tokenizer=tokenizer, num_inference_steps=3, output_type='pt',
                             generator=torch.Generator().manual_seed(seed)).images
     a = run(pipe, 0)
@@ -251,28 +253,51 @@ def test_warmup_ema_round_trip():
 
 
 def test_seen_in_training_replays_the_draws():
-    import random
     from illume_ref.config import TrainConfig
-    from illume_ref.training import step_seed
-    step3 = toy_scenes(random.Random(step_seed(0, 3)), 2)
+    step3 = sample_scenes(step_rng(0, 3), 2, split='train')
     assert seen_in_training(step3, TrainConfig(steps=4, batch_size=2)) == [True, True]
     assert seen_in_training(step3, TrainConfig(steps=3, batch_size=2)) == [False, False]
     assert seen_in_training(step3, TrainConfig(steps=4, batch_size=2, seed=1)) != [True, True]
     assert seen_in_training(step3, TrainConfig(steps=2, batch_size=2, grad_accum=2)) == [True, True]   # micro-step 3
     assert seen_in_training(step3, TrainConfig(steps=1, batch_size=2, grad_accum=2)) == [False, False]
+    held_out = sample_scenes(0, 200, split='test')
+    assert sum(seen_in_training(held_out, TrainConfig(steps=600, batch_size=32))) == 0     # the toy run's draws
 
 
-def test_oracle_rates():
-    scenes = held_out_scenes(5)
-    r = oracle_rates(render_scenes(scenes, 64), scenes)
-    assert (r['object_recall'], r['object_precision'], r['scene_accuracy']) == (1.0, 1.0, 1.0)
-    blank = torch.full((5, 3, 64, 64), 245 / 255)
-    assert oracle_rates(blank, scenes)['object_recall'] == 0.0
+def test_training_draws_train_scenes_and_is_scored_on_val_scenes(tokenizer, pipe, tmp_path, monkeypatch):
+    import illume_ref.decoder as decoder_module
+    drawn = []
+
+    def recording(rng, n, world=None, split=None, **kw):                 # the real sampler, its draws recorded
+        scenes = sample_scenes(rng, n, world, split, **kw)
+        drawn.append((split, scenes))
+        return scenes
+    monkeypatch.setattr(decoder_module, 'sample_scenes', recording)
+    _, h = train_decoder(tiny_cfg(), tokenizer, tmp_path / 'd', steps=2, progress=False, eval_images=3)
+    assert [split for split, _ in drawn] == ['train', 'train', 'val'] and h['eval']['split'] == 'val'
+    assert all(scene_split(sc) == split for split, scenes in drawn for sc in scenes)
+    drawn.clear()
+    r = evaluate_decoder(pipe, tokenizer, 2, num_inference_steps=1)
+    assert r['split'] == 'test' and [split for split, _ in drawn] == ['test'] and r['images'] == 2
 
 
-def test_bench_structure():
-    rows = bench_decoder(steps=(1, 2), batch_sizes=(1,), preset='toy', guidance_scale=1.0)
-    assert [(r['steps'], r['batch_size']) for r in rows] == [(1, 1), (2, 1)]
-    assert all(r['seconds'] > 0 and abs(r['images_per_second'] * r['seconds_per_image'] - 1) < 1e-6 for r in rows)
+def test_render_encode_decode_is_the_pipeline_on_the_rendered_codes(pipe, tokenizer):
+    scenes = sample_scenes(1, 3, split='test')
+    out = render_encode_decode(pipe, tokenizer, scenes, batch_size=2, seed=5, num_inference_steps=2)
+    codes = tokenizer.encode(render_batch(scenes, tokenizer.image_size))
+    first = pipe(indices=codes[:2], tokenizer=tokenizer, num_inference_steps=2, output_type='pt',
+                 generator=torch.Generator().manual_seed(5)).images
+    assert out.shape == (3, 3, 64, 64) and torch.equal(out[:2], first)
+
+
+def test_bench_times_the_sampling_loop():
+    "Eight solver steps run the UNet eight times: the bench must see them take clearly longer than one."
+    rows = bench_decoder(steps=(1, 8), batch_sizes=(1,), preset='toy', guidance_scale=1.0)
+    assert [(r['steps'], r['batch_size']) for r in rows] == [(1, 1), (8, 1)]
+    one, eight = rows
+    assert eight['seconds'] > 2 * one['seconds'], (one['seconds'], eight['seconds'])
     text = format_bench_decoder(rows)
-    assert 'images/s' in text and len(text.splitlines()) == 5
+    lines = text.splitlines()
+    assert len(lines) == 5 and 'images/s' in lines[1]
+    for r, line in zip(rows, lines[3:]):                               # each row printed with its own numbers
+        assert line.split()[2:5] == [str(r['steps']), '1', f"{r['seconds']:.3f}"], line

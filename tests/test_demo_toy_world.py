@@ -1,8 +1,9 @@
-"""The main job as a user runs it: `illume-ref demo` in a subprocess, into run folders."""
+"""`illume-ref demo` as a user runs it, in a subprocess, into run folders. Its one step so far is the toy world
+(scenes, oracle, captions, data sets): these tests cover that step and the run folder, not the whole method."""
 import json
 
 
-def test_demo_end_to_end_writes_a_checked_run_folder(console, tmp_path):
+def test_demo_toy_world_step_writes_a_checked_run_folder(console, tmp_path):
     r = console("demo", "--out", tmp_path / "demo", "--scenes", 6, "--seed", 3)
     assert r.returncode == 0, r.stderr
     run = tmp_path / "demo"

@@ -9,7 +9,9 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, 
 
 from illume_ref.config import EncoderConfig, get_config
 from illume_ref.encoders import (CLIP_MEAN, HALF_MEAN, ToyViT, VisionTower, build_encoder, images_to_tensor,
-                                 linear_probe, merge_tokens, pretrain_toy_encoder, pretrained_toy_encoder, toy_batch)
+                                 linear_probe, merge_tokens, pretrain_toy_encoder, pretrained_toy_encoder, probe_data,
+                                 toy_batch)
+from illume_ref.toyworld import render_batch, scene_split
 
 transformers.logging.set_verbosity_error()
 transformers.logging.disable_progress_bar()
@@ -150,6 +152,32 @@ def test_pretraining_lowers_loss_and_probe(tmp_path):
     a = pretrained_toy_encoder(cfg, steps=2, batch_size=4, cache=tmp_path / "cache", progress=False)
     b = pretrained_toy_encoder(cfg, steps=2, batch_size=4, cache=tmp_path / "cache", progress=False)
     assert torch.equal(a(px), b(px)) and len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_toy_batch_renders_with_render_batch_and_keeps_to_its_split():
+    b = toy_batch(3, 5, split="test")
+    assert {scene_split(s) for s in b["scenes"]} == {"test"}
+    assert torch.equal(b["images"], render_batch(b["scenes"], 64))
+    assert b["shape"].shape == (5, 64) and b["cell"].shape == (5, 64)
+
+
+def test_pretraining_draws_train_scenes_and_probes_score_test_scenes(monkeypatch):
+    import illume_ref.encoders as encoders_module
+    drawn = []
+
+    def recording(rng, batch_size, image_size=64, patch_size=8, world=None, split=None):     # the real batch, recorded
+        drawn.append(split)
+        b = toy_batch(rng, batch_size, image_size, patch_size, world, split)
+        drawn.append({scene_split(s) for s in b["scenes"]})
+        return b
+    monkeypatch.setattr(encoders_module, "toy_batch", recording)
+    cfg = EncoderConfig(hidden_size=32, num_layers=1, num_heads=2)
+    model, _ = pretrain_toy_encoder(cfg, steps=3, batch_size=4, progress=False)
+    assert drawn == ["train", {"train"}] * 3
+    drawn.clear()
+    linear_probe(model, num_train=6, num_test=6, steps=2)
+    assert drawn == ["train", {"train"}, "test", {"test"}]
+    assert probe_data(model, 4, seed=2, split="val")["cell"].shape == (4, 64)
 
 
 @pytest.mark.parametrize("bad, message", [

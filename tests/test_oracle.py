@@ -3,8 +3,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from illume_ref.oracle import Detection, detect, detect_scene, oracle_accuracy, oracle_robustness, perturb
-from illume_ref.toyworld import COLORS, SHAPES, Scene, ToyObject, render, sample_scene, to_rgb_array
+from illume_ref.oracle import (Detection, detect, detect_scene, oracle_accuracy, oracle_rates, oracle_robustness,
+                               perturb)
+from illume_ref.toyworld import (COLORS, SHAPES, Scene, ToyObject, render, render_batch, sample_scene, sample_scenes,
+                                 to_rgb_array)
 
 @pytest.mark.parametrize('antialias', [False, True])
 def test_oracle_is_exact_on_random_scenes(antialias):
@@ -72,3 +74,17 @@ def test_image_inputs_are_converted():
     assert to_rgb_array(Image.fromarray(ref).convert('L')).shape == (64, 64, 3)
     with pytest.raises(ValueError, match=r'\[0, 1\]'): to_rgb_array(ref * 3.0)
     with pytest.raises(ValueError, match='expected an image'): to_rgb_array(np.zeros((2, 3, 4, 5)))
+
+
+def test_oracle_rates():
+    scenes = sample_scenes(0, 5, split='test')
+    r = oracle_rates(render_batch(scenes, 64), scenes)
+    assert r == {'object_recall': 1.0, 'object_precision': 1.0, 'scene_accuracy': 1.0, 'images': 5}
+    import torch
+    blank = torch.full((5, 3, 64, 64), 245 / 255)
+    assert oracle_rates(blank, scenes)['object_recall'] == 0.0
+    one_wrong = [render(s) for s in scenes[:4]] + [render(Scene(scenes[4].objects[1:]))]    # an object left out
+    r = oracle_rates(one_wrong, scenes)
+    n = sum(len(s) for s in scenes)
+    assert r['scene_accuracy'] == 0.8 and r['object_recall'] == (n - 1) / n and r['object_precision'] == 1.0
+    with pytest.raises(ValueError, match='got 4 images for 5 scenes'): oracle_rates(one_wrong[:4], scenes)

@@ -12,8 +12,8 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 from illume_ref.config import EncoderConfig, QuantizerConfig, TokenizerConfig, get_config
 from illume_ref.encoders import ToyViT, VisionTower
 from illume_ref.tokenizer import (FeatureDecoder, ReconstructionTokenizer, SemanticVisionTokenizer, code_probe,
-                                  evaluate_tokenizer, held_out_images, load_tokenizer, toy_images, train_tokenizer)
-from illume_ref.toyworld import COLORS, PALETTE, render, sample_scene
+                                  evaluate_tokenizer, load_tokenizer, train_tokenizer)
+from illume_ref.toyworld import COLORS, PALETTE, render, render_batch, sample_scene, sample_scenes, scene_split
 
 transformers.logging.set_verbosity_error()
 
@@ -30,7 +30,7 @@ def encoder():
 
 @pytest.fixture(scope="module")
 def images():
-    return toy_images(0, 4)
+    return render_batch(sample_scenes(0, 4), 64)
 
 
 def semantic(encoder, num_codes=64, kmeans=False):
@@ -42,7 +42,7 @@ def semantic(encoder, num_codes=64, kmeans=False):
 def pixel(num_codes=64):
     torch.manual_seed(2)
     return ReconstructionTokenizer(64, QuantizerConfig(num_codes=num_codes, kmeans_init=False), TokenizerConfig(tokens_per_image=64),
-                                   channels=(8, 16, 32), latent_dim=32).eval()
+                                   channels=(8, 16, 32), embed_dim=32).eval()
 
 
 def test_semantic_contract(encoder, images):
@@ -160,12 +160,46 @@ def test_training_learns_and_keeps_encoder_frozen(encoder, tmp_path):
     cfg = get_config("toy").override(TINY + ["tokenizer.train.lr=3e-3", "tokenizer.train.log_every=5", "tokenizer.train.save_every=100"])
     before = {k: v.clone() for k, v in encoder.state_dict().items()}
     untrained = semantic(encoder, num_codes=32, kmeans=True)
-    untrained.train()(toy_images(5, 32)); untrained.eval()                    # k-means init only
-    start = evaluate_tokenizer(untrained, held_out_images(32))["cosine"]
+    untrained.train()(render_batch(sample_scenes(5, 32, split='train'), 64)); untrained.eval()   # k-means init only
+    start = evaluate_tokenizer(untrained, render_batch(sample_scenes(0, 32, split='test'), 64))["cosine"]
     tok, h = train_tokenizer(cfg, tmp_path / "t", "semantic", steps=30, progress=False, encoder=encoder, eval_images=32)
     assert h["eval"]["cosine"] > start + 0.1, (start, h["eval"])
     assert h["train"][-1]["loss"] < h["train"][0]["loss"]
     assert all(torch.equal(before[k], v) for k, v in tok.encoder.state_dict().items())
+
+
+def test_tokenizer_owns_a_frozen_copy_of_its_encoder(images):
+    "The caller's encoder (e.g. the MLLM's, which stage 3 trains) stays trainable, and training it moves no code."
+    torch.manual_seed(0)
+    caller = ToyViT(ENC).train()
+    tok = semantic(caller)
+    assert all(p.requires_grad for p in caller.parameters()) and caller.training        # the caller's module as it was
+    assert tok.encoder is not caller and not any(p.requires_grad for p in tok.encoder.parameters())
+    codes = tok.encode(images)
+    opt = torch.optim.SGD(caller.parameters(), lr=0.5)
+    for _ in range(3):                                                                  # train the caller's encoder
+        loss = caller(caller.preprocess(images)).pow(2).mean() - caller.patch_embed.weight.sum()
+        opt.zero_grad(); loss.backward(); opt.step()
+    assert not torch.equal(caller.patch_embed.weight, tok.encoder.patch_embed.weight)   # it did change
+    assert torch.equal(tok.encode(images), codes)
+    assert torch.equal(SemanticVisionTokenizer.from_config(get_config("toy").override(TINY), caller).encoder.pos_embed,
+                       caller.pos_embed) and caller.pos_embed.requires_grad              # from_config copies too
+
+
+def test_training_sees_only_train_scenes_and_is_scored_on_test_scenes(encoder, tmp_path, monkeypatch):
+    import illume_ref.tokenizer as tokenizer_module
+    drawn = []
+
+    def recording(rng, n, world=None, split=None, **kw):                 # the real sampler, its draws recorded
+        scenes = sample_scenes(rng, n, world, split, **kw)
+        drawn.append((split, scenes))
+        return scenes
+    monkeypatch.setattr(tokenizer_module, "sample_scenes", recording)
+    cfg = get_config("toy").override(TINY)
+    _, h = train_tokenizer(cfg, tmp_path / "t", "semantic", steps=3, progress=False, encoder=encoder, eval_images=16)
+    assert [split for split, _ in drawn] == ["train"] * 3 + ["test"] and h["eval"]["split"] == "test"
+    trained = {sc.key() for split, scenes in drawn[:3] for sc in scenes}
+    assert {scene_split(sc) for sc in drawn[-1][1]} == {"test"} and not trained & {sc.key() for sc in drawn[-1][1]}
 
 
 class _ColourCodes:
