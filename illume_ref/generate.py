@@ -6,130 +6,35 @@
 from __future__ import annotations
 
 import math
-import numbers
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
+from PIL import Image
 
+from .conversation import TASK_PROMPTS, pad_sequences, pad_token_id, tokenize_conversation
 from .core import atomic_dir, load_json, save_json
-from .conversation import TASK_PROMPTS, TEMPLATES, pad_sequences, pad_token_id, tokenize_conversation
-from .model import cache_kwargs, load_illume, output_cache, positions, save_illume
+from .model import load_illume, save_illume
+from .sampling import (ANSWER, DRAW, SAMPLING_FIELDS, Sampling, check_settings, image_seeds, row_generators,
+                                 sample_tokens, sampling_from, sampling_loop)
+from .tokenizer import load_tokenizer
 from .vocab import VisualVocab
 
 # %% auto #0
-__all__ = ['SETTINGS', 'MISSING_CODE_COLOR', 'PARTS', 'GENERATION_KEYS', 'row_generators', 'filter_logits', 'sample_tokens',
-           'check_settings', 'image_seed', 'image_seeds', 'decode_loop', 'sample_image_codes', 'prompt_ids',
-           'image_prompts', 'generate_image_codes', 'edit_image_codes', 'code_mosaic', 'pixel_decoder', 'run_decode',
-           'generate_images', 'edit', 'chat_batch', 'decode_text', 'chat', 'IllumeSystem', 'image_span_fits']
-
-# %% ../nbs/08_inference.ipynb #edabe5c7
-def row_generators(seed: int | None, rows: int, device='cpu') -> list[torch.Generator] | None:
-    "One generator per output row, row `r` seeded with `seed + r` (None: the global RNG)."
-    if seed is None: return None
-    return [torch.Generator(device=device).manual_seed(int(seed) + r) for r in range(rows)]
-
-
-def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
-    "`(B, V)` logits with everything outside the top-k and outside the top-p nucleus set to -inf."
-    if top_k is not None and 0 < top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float('-inf'))
-    if top_p is not None and 0 < top_p < 1:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p          # keep the smallest prefix reaching top_p
-        drop[..., 0] = False
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float('-inf'))
-    return logits
-
-
-def sample_tokens(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
-                  top_p: float | None = None, generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
-    "`(B, V)` logits -> `(B,)` indices: argmax if `temperature == 0`, else a draw from the filtered softmax."
-    if temperature < 0: raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if temperature == 0: return logits.argmax(-1)
-    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
-    if generators is None: return torch.multinomial(probs, 1).squeeze(-1)
-    if len(generators) != len(probs):
-        raise ValueError(f"got {len(generators)} generators for {len(probs)} rows")
-    src = probs.cpu() if generators[0].device.type == 'cpu' else probs     # one copy to the generators' device
-    return torch.cat([torch.multinomial(p[None], 1, generator=g) for p, g in zip(src, generators)]).squeeze(-1).to(probs.device)
-
-
-_real = lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-_int = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-# What each generation setting may be: (test, what is expected). `check_settings` applies them once, where a public
-# call starts; the decoding loop then trusts its inputs.
-SETTINGS = {
-    'temperature': (lambda v: _real(v) and v >= 0, "a finite number >= 0 (0: greedy)"),
-    'top_k': (lambda v: v is None or (_int(v) and v >= 1), "None (off) or an integer >= 1"),
-    'top_p': (lambda v: v is None or (_real(v) and 0 < v <= 1), "None (off) or a number in (0, 1]"),
-    'cfg_scale': (lambda v: v is None or (_real(v) and v >= 0), "None (no guidance) or a finite number >= 0"),
-    'max_new_tokens': (lambda v: _int(v) and v >= 1, "an integer >= 1"),
-    'num_images': (lambda v: _int(v) and v >= 1, "an integer >= 1"),
-    'seed': (lambda v: v is None or (_int(v) and v >= 0), "None (the global RNG) or an integer >= 0"),
-    'first_prompt': (lambda v: _int(v) and v >= 0, "an integer >= 0"),
-    'template': (lambda v: v in TEMPLATES, f"one of {TEMPLATES}"),
-    'edit_uncond': (lambda v: v in ('image', 'null'), "'image' or 'null'"),
-    'decoder_kwargs': (lambda v: v is None or isinstance(v, dict), "None or a dict"),
-}
-
-
-def check_settings(where: str = '', **settings):
-    "Raise a ValueError naming the first setting outside what `SETTINGS` allows (`where` prefixes the message)."
-    for name, value in settings.items():
-        ok, expected = SETTINGS[name]
-        if not ok(value): raise ValueError(f"{where}{name} must be {expected}, got {value!r} ({type(value).__name__})")
-
-
-def image_seed(seed: int, prompt: int, image: int) -> int:
-    """The seed of image `image` of prompt `prompt` in a call made with `seed`: a 64-bit hash of the three (numpy's
-    `SeedSequence`). Every (seed, prompt, image) has its own stream: `seed=0` and `seed=1` share no image."""
-    return int(np.random.SeedSequence([seed, prompt, image]).generate_state(1, np.uint64)[0])
-
-
-def image_seeds(seed: int | None, prompts: int, num_images: int, first_prompt: int = 0) -> list[int] | None:
-    "`image_seed` of every row `i * num_images + j` of a call with `prompts` prompts (None: the global RNG)."
-    if seed is None: return None
-    return [image_seed(seed, first_prompt + i, j) for i in range(prompts) for j in range(num_images)]
-
-# %% ../nbs/08_inference.ipynb #b01242f8
-@torch.no_grad()
-def decode_loop(language_model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, steps: int,
-                step: Callable[[int, torch.Tensor], torch.Tensor], use_cache: bool = True) -> None:
-    """Run `language_model` for `steps` steps. `step(t, logits)` gets the last-position logits `(R, V)` and
-    returns the ids `(R, k)` to feed next (k >= 1 tokens at once, e.g. a code and a row separator)."""
-    embed = language_model.get_input_embeddings()
-    x, mask, cache = inputs_embeds, attention_mask.to(inputs_embeds.device), None
-    full = inputs_embeds
-    if use_cache:
-        from transformers import DynamicCache
-        cache = DynamicCache(config=language_model.config)
-    for t in range(steps):
-        pos = positions(mask)[:, -x.shape[1]:]
-        out = language_model(inputs_embeds=x, attention_mask=mask, position_ids=pos, **cache_kwargs(cache),
-                             use_cache=use_cache, logits_to_keep=1)
-        new = step(t, out.logits[:, -1])
-        if new is None: return
-        new_embeds = embed(new.to(x.device))
-        mask = torch.cat([mask, mask.new_ones(new.shape)], 1)
-        if use_cache: cache, x = output_cache(out), new_embeds
-        else: full = x = torch.cat([full, new_embeds], 1)
+__all__ = ['MISSING_CODE_COLOR', 'TEXT_FIELDS', 'PARTS', 'GENERATION_KEYS', 'SYSTEM_FIELDS', 'sample_image_codes', 'prompt_ids',
+           'image_prompts', 'generate_image_codes', 'edit_image_codes', 'code_mosaic', 'PixelRenderer', 'render_images',
+           'generate_images', 'edit', 'chat_batch', 'sample_text', 'chat', 'IllumeSystem', 'image_span_fits']
 
 # %% ../nbs/08_inference.ipynb #49a2a055
 @torch.no_grad()
 def sample_image_codes(language_model, vocab: VisualVocab, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-                       tokens_per_image: int, cfg_scale: float | None = 3.0, temperature: float = 1.0,
-                       top_k: int | None = None, top_p: float | None = None,
+                       tokens_per_image: int, sampling: Sampling = DRAW,
                        generators: Sequence[torch.Generator] | None = None, use_cache: bool = True) -> torch.Tensor:
     """Codes `(B, N)` of one image span per conditional row. `inputs_embeds (R, L, H)`: prompts ending in
-    `<img_start>`, left-padded; `R = 2B` (conditional rows, then unconditional rows) when `cfg_scale` is not None,
-    else `R = B` (no guidance)."""
+    `<img_start>`, left-padded; `R = 2B` (conditional rows, then unconditional rows) when `sampling.cfg_scale` is
+    not None, else `R = B` (no guidance). `sampling` is trusted (checked where the public call started)."""
     N, R = tokens_per_image, inputs_embeds.shape[0]
-    guided = cfg_scale is not None
+    cfg_scale, guided = sampling.cfg_scale, sampling.cfg_scale is not None
     if guided and R % 2: raise ValueError(f"classifier-free guidance needs 2B rows (conditional, unconditional), got {R}")
     B = R // 2 if guided else R
     G = vocab._grid(N) if vocab.row_separator else None
@@ -141,13 +46,13 @@ def sample_image_codes(language_model, vocab: VisualVocab, inputs_embeds: torch.
         if guided:
             cond, uncond = logits[:B], logits[B:]
             logits = cond + (cfg_scale - 1) * (cond - uncond)
-        codes[:, t] = sample_tokens(logits, temperature, top_k, top_p, generators)
+        codes[:, t] = sample_tokens(logits, sampling.temperature, sampling.top_k, sampling.top_p, generators)
         if t == N - 1: return None
         ids = (codes[:, t] + vocab.first_code_id)[:, None]
         if G is not None and (t + 1) % G == 0: ids = torch.cat([ids, torch.full_like(ids, sep)], 1)
         return ids.repeat(2, 1) if guided else ids
 
-    decode_loop(language_model, inputs_embeds, attention_mask, N, step, use_cache)
+    sampling_loop(language_model, inputs_embeds, attention_mask, N, step, use_cache)
     return codes
 
 # %% ../nbs/08_inference.ipynb #c3a38b1a
@@ -196,8 +101,8 @@ def _embed_rows(model, tokenizer, rows: list[list[int]], views: list[torch.Tenso
     return model.embed_inputs(ids.to(dev), images), mask.to(dev)
 
 
-def image_prompts(model, tokenizer, conditions: Sequence[list], cfg: bool, template: str = 'vicuna_v1',
-                  uncond: str = 'null') -> tuple[list[list[int]], list]:
+def image_prompts(model, tokenizer, conditions: Sequence[list], cfg: bool, template: str | None = None,
+                  uncond: str = 'null') -> tuple[list[torch.Tensor], list]:
     """Id rows (each ending in `<img_start>`) and views for user-turn contents `conditions` (lists of parts); with
     `cfg`, followed by the unconditional rows: `uncond='null'` an empty prompt, `'image'` the images kept, text dropped."""
     start = model.visual_vocab.image_start_id
@@ -213,70 +118,75 @@ def image_prompts(model, tokenizer, conditions: Sequence[list], cfg: bool, templ
     return rows, views
 
 # %% ../nbs/08_inference.ipynb #1e266ef2
-def _codes_for(model, tokenizer, conditions, cfg_scale, temperature, top_k, top_p, num_images, seed, template,
-               uncond, use_cache, tokens_per_image, first_prompt, where):
-    check_settings(f"{where}: ", cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
-                   num_images=num_images, seed=seed, first_prompt=first_prompt, template=template)
-    N = tokens_per_image or model.config.tokens_per_image
-    vocab = model.visual_vocab
-    rows, views = image_prompts(model, tokenizer, conditions, cfg_scale is not None, template, uncond)
+def _image_codes(model, tokenizer, conditions: Sequence[list], sampling: Sampling, *, num_images: int,
+                 first_prompt: int, template: str | None, uncond: str, use_cache: bool) -> torch.Tensor:
+    "Codes `(len(conditions) * num_images, N)` for inputs the public call has checked."
+    N, vocab = model.config.tokens_per_image, model.visual_vocab
+    guided = sampling.cfg_scale is not None
+    rows, views = image_prompts(model, tokenizer, conditions, guided, template, uncond)
     extra = vocab.image_length(N) - 1                   # <img_start> is in the prompt
     for r in rows: _check_fits(model, len(r), extra, "image generation")
     embeds, mask = _embed_rows(model, tokenizer, rows, views)    # each prompt (and its images) embedded once ...
     if num_images > 1:                                            # ... then copied: rows i * num_images + j
-        groups = 2 if cfg_scale is not None else 1                # (conditional rows, then unconditional rows)
+        groups = 2 if guided else 1                               # (conditional rows, then unconditional rows)
         embeds = torch.cat([e.repeat_interleave(num_images, 0) for e in embeds.chunk(groups)])
         mask = torch.cat([m.repeat_interleave(num_images, 0) for m in mask.chunk(groups)])
-    seeds = image_seeds(seed, len(conditions), num_images, first_prompt) if temperature > 0 else None
+    seeds = image_seeds(sampling.seed, len(conditions), num_images, first_prompt) if sampling.temperature > 0 else None
     gens = [torch.Generator().manual_seed(s) for s in seeds] if seeds else None
-    return sample_image_codes(model.language_model, vocab, embeds, mask, N, cfg_scale, temperature, top_k, top_p,
-                              gens, use_cache)
+    return sample_image_codes(model.language_model, vocab, embeds, mask, N, sampling, gens, use_cache)
 
 
-def generate_image_codes(model, tokenizer, prompts: Sequence[str], cfg_scale: float | None = 3.0,
-                         temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                         num_images: int = 1, seed: int | None = 0, template: str = 'vicuna_v1', raw: bool = False,
-                         use_cache: bool = True, tokens_per_image: int | None = None,
-                         first_prompt: int = 0) -> torch.Tensor:
+def _drawing(where: str, sampling: Sampling | None, options: dict, num_images, first_prompt, template) -> Sampling:
+    "The entrance check of a drawing call: its settings, then its `Sampling` (default `DRAW`)."
+    check_settings(f"{where}: ", num_images=num_images, first_prompt=first_prompt, template=template)
+    return sampling_from(DRAW, sampling, options, where)
+
+
+def generate_image_codes(model, tokenizer, prompts: Sequence[str], sampling: Sampling | None = None, *,
+                         num_images: int = 1, first_prompt: int = 0, template: str | None = None, raw: bool = False,
+                         use_cache: bool = True, **options) -> torch.Tensor:
     """Text-to-image (§3.2): codes `(len(prompts) * num_images, N)` (rows `i * num_images + j`), sampled with
-    classifier-free guidance `cfg_scale` (None: off), KV cache, codes only inside the span. Each prompt is a caption
-    wrapped in `TASK_PROMPTS['generate']` (`raw=True`: used as the user text as it is); one string is one prompt.
-    Image j of prompt i draws from `image_seed(seed, first_prompt + i, j)` (`first_prompt`: where `prompts` start
-    in a longer list drawn in parts)."""
-    prompts = _texts(prompts, 'prompt', 'generate_image_codes')
+    `sampling` (default `DRAW`; or its fields as keywords: `cfg_scale=3.0, temperature=1.0, top_k=..., top_p=...,
+    seed=0`), classifier-free guidance `cfg_scale` (None: off), a KV cache, codes only inside the span. Each prompt is
+    a caption wrapped in `TASK_PROMPTS['generate']` (`raw=True`: used as the user text as it is); one string is one
+    prompt. Image j of prompt i draws from `image_seed(seed, first_prompt + i, j)` (`first_prompt`: where `prompts`
+    start in a longer list drawn in parts). `template`: None is the model's."""
+    where = 'generate_image_codes'
+    prompts = _texts(prompts, 'prompt', where)
+    sampling = _drawing(where, sampling, options, num_images, first_prompt, template)
     texts = [p if raw else TASK_PROMPTS['generate'].format(caption=p) for p in prompts]
-    return _codes_for(model, tokenizer, [[t] for t in texts], cfg_scale, temperature, top_k, top_p, num_images,
-                      seed, template, 'null', use_cache, tokens_per_image, first_prompt, 'generate_image_codes')
+    return _image_codes(model, tokenizer, [[t] for t in texts], sampling, num_images=num_images,
+                        first_prompt=first_prompt, template=template, uncond='null', use_cache=use_cache)
 
 
-def edit_image_codes(model, tokenizer, images: Sequence, instructions: Sequence[str], cfg_scale: float | None = 3.0,
-                     temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                     num_images: int = 1, seed: int | None = 0, template: str = 'vicuna_v1', uncond: str = 'image',
-                     use_cache: bool = True, tokens_per_image: int | None = None,
-                     first_prompt: int = 0) -> torch.Tensor:
+def edit_image_codes(model, tokenizer, images: Sequence, instructions: Sequence[str], sampling: Sampling | None = None,
+                     *, num_images: int = 1, first_prompt: int = 0, template: str | None = None, uncond: str = 'image',
+                     use_cache: bool = True, **options) -> torch.Tensor:
     """Editing: (source image, instruction) pairs -> codes `(len(images) * num_images, N)` of the edited images
     (one image and one instruction string: one pair). The prompt is the image and `TASK_PROMPTS['edit']` as in
     training; the unconditional row keeps the image (`uncond='image'`, guidance on the instruction) or drops
-    everything (`'null'`). Seeds as in `generate_image_codes`."""
-    if uncond not in ('image', 'null'): raise ValueError(f"uncond must be 'image' or 'null', got {uncond!r}")
-    instructions, images = _texts(instructions, 'instruction', 'edit_image_codes'), _images(images)
+    everything (`'null'`). Sampling and seeds as in `generate_image_codes`."""
+    where = 'edit_image_codes'
+    if uncond not in ('image', 'null'): raise ValueError(f"{where}: uncond must be 'image' or 'null', got {uncond!r}")
+    instructions, images = _texts(instructions, 'instruction', where), _images(images)
     if len(images) != len(instructions):
-        raise ValueError(f"got {len(images)} images for {len(instructions)} instructions")
+        raise ValueError(f"{where}: got {len(images)} images for {len(instructions)} instructions")
+    sampling = _drawing(where, sampling, options, num_images, first_prompt, template)
     conds = [[{'image': im}, "\n" + TASK_PROMPTS['edit'].format(instruction=ins)] for im, ins in zip(images, instructions)]
-    return _codes_for(model, tokenizer, conds, cfg_scale, temperature, top_k, top_p, num_images, seed, template,
-                      uncond, use_cache, tokens_per_image, first_prompt, 'edit_image_codes')
+    return _image_codes(model, tokenizer, conds, sampling, num_images=num_images, first_prompt=first_prompt,
+                        template=template, uncond=uncond, use_cache=use_cache)
 
 # %% ../nbs/08_inference.ipynb #62fc1c81
 MISSING_CODE_COLOR = (255, 0, 255)   # code -1 (unknown or masked): no code's colour has a channel at 255
 
 
-def code_mosaic(num_codes: int, size: int = 64, seed: int = 0) -> Callable[[torch.Tensor], list]:
-    """A `decode` stand-in: codes `(B, N)` -> PIL images `size` px, one fixed random colour per code (channels in
-    [0, 254]) and `MISSING_CODE_COLOR` for code -1."""
-    from PIL import Image
+def code_mosaic(num_codes: int, size: int = 64, seed: int = 0) -> Callable[..., list]:
+    """A renderer stand-in: codes `(B, N)` -> PIL images `size` px, one fixed random colour per code (channels in
+    [0, 254]) and `MISSING_CODE_COLOR` for code -1. Its codes may come from anywhere, so it checks them."""
     colors = (torch.rand(num_codes, 3, generator=torch.Generator().manual_seed(seed)) * 255).to(torch.uint8)
     palette = torch.cat([colors, torch.tensor([MISSING_CODE_COLOR], dtype=torch.uint8)])   # row num_codes: missing
-    def decode(codes: torch.Tensor, seed: int | None = None) -> list:
+    def render(codes: torch.Tensor, seeds: Sequence[int] | None = None) -> list:
+        "`seeds` are not needed: a mosaic draws no noise."
         codes = torch.as_tensor(codes).cpu().long()
         if codes.ndim != 2 or math.isqrt(codes.shape[1]) ** 2 != codes.shape[1]:
             raise ValueError(f"code_mosaic takes codes (B, N) with N a square number, got shape {tuple(codes.shape)}")
@@ -287,12 +197,11 @@ def code_mosaic(num_codes: int, size: int = 64, seed: int = 0) -> Callable[[torc
         g = math.isqrt(codes.shape[1])
         grids = palette[torch.where(codes < 0, num_codes, codes)].reshape(-1, g, g, 3).numpy()
         return [Image.fromarray(a).resize((size, size), Image.NEAREST) for a in grids]
-    return decode
+    return render
 
 
 def _to_pil_list(out) -> list:
     "Whatever a decoder returns (PIL list, `.images`, a (B, 3, H, W) tensor in [0, 1]) -> a list of PIL images."
-    from PIL import Image
     if hasattr(out, 'images'): out = out.images
     if isinstance(out, torch.Tensor):
         a = (out.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -300,72 +209,76 @@ def _to_pil_list(out) -> list:
     return list(out)
 
 
-def pixel_decoder(vision_tokenizer, decoder, num_inference_steps: int | None = None,
-                  guidance_scale: float | None = None) -> Callable[..., list]:
-    """The `decode` callable of §3.1: codes `(B, N)` -> `vision_tokenizer.decode_features` -> features `(B, N, C)` ->
-    the diffusion decoder -> PIL images. `decoder`: nbs/05's `IllumeDecoderPipeline` (called as
-    `pipe(indices=codes, tokenizer=vision_tokenizer, ...)`, which checks the codes and decodes the features itself),
-    a `DiffusionDecoder` (its `.pipeline()` is used), or any callable taking the features."""
-    import inspect
-    if not hasattr(decoder, 'features_from') and hasattr(decoder, 'pipeline'): decoder = decoder.pipeline()
-    if hasattr(decoder, 'set_progress_bar_config'): decoder.set_progress_bar_config(disable=True)
-    params = inspect.signature(decoder.__call__ if not inspect.isfunction(decoder) else decoder).parameters
+class PixelRenderer:
+    """Codes to pixels (§3.1): codes `(B, N)` -> `vision_tokenizer.decode_features` (the one range check of the codes)
+    -> features `(B, N, C)` -> the diffusion decoder -> PIL images. `decoder`: notebook 05's `IllumeDecoderPipeline`
+    (a `DiffusionDecoder` gives its `.pipeline()`), or any callable `decoder(features=..., generator=..., **kw)`
+    returning PIL images, `.images` or a `(B, 3, H, W)` tensor in [0, 1]. `num_inference_steps` / `guidance_scale`:
+    passed to the decoder when set."""
+    def __init__(self, vision_tokenizer, decoder, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None):
+        if not hasattr(decoder, 'features_from') and hasattr(decoder, 'pipeline'): decoder = decoder.pipeline()
+        if hasattr(decoder, 'set_progress_bar_config'): decoder.set_progress_bar_config(disable=True)
+        self.vision_tokenizer, self.decoder = vision_tokenizer, decoder
+        self.decoder_kwargs = {k: v for k, v in dict(num_inference_steps=num_inference_steps,
+                                                     guidance_scale=guidance_scale).items() if v is not None}
 
-    def decode(codes: torch.Tensor, seed: int | None = None, seeds: Sequence[int] | None = None) -> list:
-        "`seeds`: one per row (a list of generators, diffusers' convention), else one generator from `seed`."
-        kw = {}
-        if num_inference_steps is not None and 'num_inference_steps' in params: kw['num_inference_steps'] = num_inference_steps
-        if guidance_scale is not None and 'guidance_scale' in params: kw['guidance_scale'] = guidance_scale
-        if 'generator' in params and seeds is not None: kw['generator'] = [torch.Generator().manual_seed(s) for s in seeds]
-        elif 'generator' in params and seed is not None: kw['generator'] = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            if 'indices' in params and 'tokenizer' in params:
-                return _to_pil_list(decoder(indices=codes, tokenizer=vision_tokenizer, **kw))
-            feats = vision_tokenizer.decode_features(codes.to(vision_tokenizer.device))
-            return _to_pil_list(decoder(features=feats, **kw) if 'features' in params else decoder(feats, **kw))
-    return decode
+    @torch.no_grad()
+    def __call__(self, codes: torch.Tensor, seeds: Sequence[int] | None = None) -> list:
+        "`seeds`: one per row, each image's noise from its own generator (diffusers' list); None: the global RNG."
+        features = self.vision_tokenizer.decode_features(codes.to(self.vision_tokenizer.device))
+        generators = [torch.Generator().manual_seed(s) for s in seeds] if seeds is not None else None
+        return _to_pil_list(self.decoder(features=features, generator=generators, **self.decoder_kwargs))
 
 
-def run_decode(decode: Callable, codes: torch.Tensor, seed: int | None = None,
-               seeds: Sequence[int] | None = None) -> list:
-    """Call a `decode` callable `codes (B, N) -> list[PIL]`, passing the per-row `seeds=` (`image_seeds`) when it
-    accepts them, else `seed=` when it accepts that."""
-    import inspect
-    try: params = inspect.signature(decode).parameters
-    except (TypeError, ValueError): params = {}
-    if seeds is not None and 'seeds' in params: images = list(decode(codes, seeds=seeds))
-    else: images = list(decode(codes, seed=seed) if 'seed' in params else decode(codes))
-    if len(images) != len(codes): raise ValueError(f"the decoder returned {len(images)} images for {len(codes)} code grids")
+def render_images(renderer: Callable, codes: torch.Tensor, seeds: Sequence[int] | None = None) -> list:
+    """`renderer(codes, seeds)`: one PIL image per code row. Every renderer (`PixelRenderer`, `code_mosaic`, any
+    other) takes codes `(B, N)` and one seed per row (`image_seeds`; None: the global RNG)."""
+    images = list(renderer(codes, seeds))
+    if len(images) != len(codes): raise ValueError(f"the renderer returned {len(images)} images for {len(codes)} code grids")
     return images
 
 
-def generate_images(model, tokenizer, prompts: Sequence[str], decode: Callable | None = None, num_images: int = 1,
-                    seed: int | None = 0, first_prompt: int = 0, **kwargs) -> list[list]:
-    """Text-to-image end to end: `generate_image_codes` then `decode` (default `code_mosaic`), each image with its
+def _drawing_options(kwargs: dict) -> dict:
+    "The `Sampling` fields among `kwargs`, taken out of it."
+    return {k: kwargs.pop(k) for k in SAMPLING_FIELDS if k in kwargs}
+
+
+def generate_images(model, tokenizer, prompts: Sequence[str], renderer: Callable | None = None,
+                    sampling: Sampling | None = None, *, num_images: int = 1, first_prompt: int = 0,
+                    **kwargs) -> list[list]:
+    """Text-to-image end to end: `generate_image_codes` then `renderer` (default `code_mosaic`), each image with its
     own `image_seed`. Returns one list of `num_images` PIL images per prompt."""
     prompts = _texts(prompts, 'prompt', 'generate_images')
-    codes = generate_image_codes(model, tokenizer, prompts, num_images=num_images, seed=seed,
+    sampling = sampling_from(DRAW, sampling, _drawing_options(kwargs), 'generate_images')
+    codes = generate_image_codes(model, tokenizer, prompts, sampling, num_images=num_images,
                                  first_prompt=first_prompt, **kwargs)
-    decode = decode if decode is not None else code_mosaic(model.visual_vocab.num_codes)
-    images = run_decode(decode, codes, seed, image_seeds(seed, len(prompts), num_images, first_prompt))
+    renderer = renderer if renderer is not None else code_mosaic(model.visual_vocab.num_codes)
+    images = render_images(renderer, codes, image_seeds(sampling.seed, len(prompts), num_images, first_prompt))
     return [images[i * num_images:(i + 1) * num_images] for i in range(len(prompts))]
 
 
-def edit(model, tokenizer, image, instruction: str, decode: Callable | None = None, seed: int | None = 0, **kwargs):
+def edit(model, tokenizer, image, instruction: str, renderer: Callable | None = None,
+         sampling: Sampling | None = None, **kwargs):
     "Editing end to end: one source image + instruction -> the edited PIL image (see `edit_image_codes`)."
-    codes = edit_image_codes(model, tokenizer, [image], [instruction], seed=seed, **kwargs)
-    decode = decode if decode is not None else code_mosaic(model.visual_vocab.num_codes)
-    return run_decode(decode, codes, seed, image_seeds(seed, 1, 1, kwargs.get('first_prompt', 0)))[0]
+    sampling = sampling_from(DRAW, sampling, _drawing_options(kwargs), 'edit')
+    codes = edit_image_codes(model, tokenizer, [image], [instruction], sampling, **kwargs)
+    renderer = renderer if renderer is not None else code_mosaic(model.visual_vocab.num_codes)
+    return render_images(renderer, codes, image_seeds(sampling.seed, 1, 1, kwargs.get('first_prompt', 0)))[0]
 
 # %% ../nbs/08_inference.ipynb #44efa2c6
+TEXT_FIELDS = ('temperature', 'top_k', 'top_p', 'seed')   # what answers can be sampled with (no guidance)
+
+
 @torch.no_grad()
 def chat_batch(model, tokenizer, items: Sequence[tuple[Sequence, str]], max_new_tokens: int = 32,
-               temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int | None = 0,
-               template: str = 'vicuna_v1', use_cache: bool = True, return_ids: bool = False) -> list:
+               sampling: Sampling | None = None, *, template: str | None = None, use_cache: bool = True,
+               return_ids: bool = False, **options) -> list:
     """Answers to `(images, prompt)` pairs (`images`: a list of PIL images / tensors, possibly empty), decoded with a
-    KV cache until `</s>` or `max_new_tokens`. Greedy at `temperature=0`; row `r` samples with seed `seed + r`."""
-    check_settings("chat: ", max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   seed=seed, template=template)
+    KV cache until `</s>` or `max_new_tokens`. `sampling` (default `ANSWER`, greedy) or its `TEXT_FIELDS` as
+    keywords (`temperature=`, `top_k=`, `top_p=`, `seed=`); row `r` samples with seed `seed + r`."""
+    sampling = sampling_from(ANSWER, sampling, options, 'chat', TEXT_FIELDS)
+    check_settings("chat: ", max_new_tokens=max_new_tokens, template=template)
     if isinstance(items, (str, dict)) or any(not isinstance(it, (list, tuple)) or len(it) != 2 for it in items):
         raise ValueError("chat_batch takes a list of (images, prompt) pairs")
     if len(items) == 0: raise ValueError("chat_batch got no (images, prompt) items")
@@ -378,43 +291,44 @@ def chat_batch(model, tokenizer, items: Sequence[tuple[Sequence, str]], max_new_
         _check_fits(model, len(ids), 1, "chat")
         rows.append(ids); views.append(v)
     embeds, mask = _embed_rows(model, tokenizer, rows, views)
-    return decode_text(model.language_model, model.visual_vocab, tokenizer, embeds, mask,
-                       min(max_new_tokens, model.max_length - embeds.shape[1]), temperature, top_k, top_p,
-                       row_generators(seed, len(rows)) if temperature > 0 else None, use_cache, return_ids)
+    generators = row_generators(sampling.seed, len(rows)) if sampling.temperature > 0 else None
+    return sample_text(model.language_model, model.visual_vocab, tokenizer, embeds, mask,
+                       min(max_new_tokens, model.max_length - embeds.shape[1]), sampling, generators, use_cache, return_ids)
 
 
-def decode_text(language_model, vocab: VisualVocab, tokenizer, inputs_embeds, attention_mask, max_new_tokens: int,
-                temperature: float = 0.0, top_k=None, top_p=None, generators=None, use_cache: bool = True,
-                return_ids: bool = False) -> list:
-    "Text decoding over text ids only, stopping each row at EOS -> the decoded strings (`return_ids`: the id lists)."
+def sample_text(language_model, vocab: VisualVocab, tokenizer, inputs_embeds, attention_mask, max_new_tokens: int,
+                sampling: Sampling = ANSWER, generators=None, use_cache: bool = True, return_ids: bool = False) -> list:
+    """Sample text ids only (never a code or an image token), stopping each row at EOS -> the decoded strings
+    (`return_ids`: the id lists). `sampling` is trusted (checked where the public call started)."""
     B, eos = inputs_embeds.shape[0], tokenizer.eos_token_id
     out = torch.full((B, max(max_new_tokens, 0)), eos, dtype=torch.long)
     done = torch.zeros(B, dtype=torch.bool)
 
     def step(t, logits):
-        nxt = sample_tokens(logits[:, :vocab.text_vocab_size].float(), temperature, top_k, top_p, generators).cpu()
+        nxt = sample_tokens(logits[:, :vocab.text_vocab_size].float(), sampling.temperature, sampling.top_k,
+                            sampling.top_p, generators).cpu()
         nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
         out[:, t] = nxt
         done.logical_or_(nxt == eos)
         return None if bool(done.all()) or t == max_new_tokens - 1 else nxt[:, None]
 
-    if max_new_tokens > 0: decode_loop(language_model, inputs_embeds, attention_mask, max_new_tokens, step, use_cache)
+    if max_new_tokens > 0: sampling_loop(language_model, inputs_embeds, attention_mask, max_new_tokens, step, use_cache)
     ids = [row[:row.index(eos)] if eos in row else row for row in out.tolist()]
     if return_ids: return ids
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
 
 
-def chat(model, tokenizer, images, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0,
-         top_k: int | None = None, top_p: float | None = None, seed: int | None = 0, **kwargs) -> str:
+def chat(model, tokenizer, images, prompt: str, max_new_tokens: int = 32, sampling: Sampling | None = None,
+         **kwargs) -> str:
     "One answer to `prompt` about `images` (one image, a list of images, or None): see `chat_batch`."
-    return chat_batch(model, tokenizer, [(images, prompt)], max_new_tokens, temperature, top_k, top_p, seed, **kwargs)[0]
+    return chat_batch(model, tokenizer, [(images, prompt)], max_new_tokens, sampling, **kwargs)[0]
 
 # %% ../nbs/08_inference.ipynb #8eeadfe7
 PARTS = ('mllm', 'vision_tokenizer', 'decoder')
 
 
 def _load_decoder(path: Path):
-    "The diffusion decoder saved at `path` (notebook 05's `IllumeDecoderPipeline`, imported only when needed)."
+    "The diffusion decoder saved at `path` (notebook 05's `IllumeDecoderPipeline`; diffusers is imported only here)."
     from illume_ref import decoder as dec
     for name in ('IllumeDecoderPipeline', 'DiffusionDecoder'):
         cls = getattr(dec, name, None)
@@ -444,30 +358,33 @@ def _read_system_json(file: Path) -> dict:
     return meta
 
 
+SYSTEM_FIELDS = ('cfg_scale', 'temperature', 'top_k', 'top_p')   # a system's drawing defaults (seeds come per call)
+
+
 class IllumeSystem:
-    """MLLM + text tokenizer + vision tokenizer + diffusion decoder, with the generation defaults. Implements
+    """MLLM + text tokenizer + vision tokenizer + diffusion decoder, with the generation defaults: `sampling` for
+    drawing and editing (default `DRAW`, or its `SYSTEM_FIELDS` as keywords), `max_new_tokens` for answers (greedy),
+    the conversation `template` (None: the model's), `edit_uncond`, and the `renderer` of codes (default: a
+    `PixelRenderer` when a vision tokenizer and a decoder are given, else `code_mosaic`). Implements
     `evaluate.ModelLike` (`answer`, `generate`, `edit`) and `chat`."""
 
-    def __init__(self, model, tokenizer, vision_tokenizer=None, decoder=None, cfg_scale: float | None = 3.0,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 max_new_tokens: int = 32, template: str = 'vicuna_v1', edit_uncond: str = 'image',
-                 decode: Callable | None = None, decoder_kwargs: dict | None = None):
-        check_settings("IllumeSystem: ", cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
-                       max_new_tokens=max_new_tokens, template=template, edit_uncond=edit_uncond,
+    def __init__(self, model, tokenizer, vision_tokenizer=None, decoder=None, sampling: Sampling | None = None, *,
+                 max_new_tokens: int = 32, template: str | None = None, edit_uncond: str = 'image',
+                 renderer: Callable | None = None, decoder_kwargs: dict | None = None, **options):
+        self.sampling = sampling_from(DRAW, sampling, options, 'IllumeSystem', SYSTEM_FIELDS)
+        check_settings("IllumeSystem: ", max_new_tokens=max_new_tokens, template=template, edit_uncond=edit_uncond,
                        decoder_kwargs=decoder_kwargs)
         if decoder is not None and not hasattr(decoder, 'features_from') and hasattr(decoder, 'pipeline'):
             decoder = decoder.pipeline()                       # a DiffusionDecoder -> its sampling pipeline
         self.model, self.tokenizer, self.vision_tokenizer, self.decoder = model.eval(), tokenizer, vision_tokenizer, decoder
-        self.cfg_scale, self.temperature, self.top_k, self.top_p = cfg_scale, temperature, top_k, top_p
         self.max_new_tokens, self.template, self.edit_uncond = max_new_tokens, template, edit_uncond
         self.decoder_kwargs = decoder_kwargs or {}
         self.check()
-        if decode is None:
-            decode = (pixel_decoder(vision_tokenizer, decoder, **self.decoder_kwargs)
-                      if vision_tokenizer is not None and decoder is not None
-                      else code_mosaic(model.visual_vocab.num_codes, model.vision_encoder.image_size))
-        self.decode = decode
-
+        if renderer is None:
+            renderer = (PixelRenderer(vision_tokenizer, decoder, **self.decoder_kwargs)
+                        if vision_tokenizer is not None and decoder is not None
+                        else code_mosaic(model.visual_vocab.num_codes, model.vision_encoder.image_size))
+        self.renderer = renderer
     def check(self):
         "Raise unless the parts agree: tokenizer <-> vocabulary, codebook size and codes per image."
         v = self.model.visual_vocab
@@ -491,19 +408,20 @@ class IllumeSystem:
 
     @property
     def generation_config(self) -> dict:
-        return dict(cfg_scale=self.cfg_scale, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+        s = self.sampling
+        return dict(cfg_scale=s.cfg_scale, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                     max_new_tokens=self.max_new_tokens, template=self.template, edit_uncond=self.edit_uncond,
                     decoder_kwargs=self.decoder_kwargs)
 
-    def _gen_kw(self, **kw) -> dict:
-        base = dict(cfg_scale=self.cfg_scale, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                    template=self.template)
-        return {**base, **kw}
+    def _drawing(self, seed: int | None, kw: dict) -> tuple[Sampling, dict]:
+        "This system's sampling with the call's `seed` and options (`cfg_scale=...`) applied; the other keywords."
+        kw = {'template': self.template, **kw}
+        return self.sampling.replace(seed=seed, **_drawing_options(kw)), kw
 
     # understanding ------------------------------------------------------------------------------------
     def chat(self, images, prompt: str, **kw) -> str:
-        kw.setdefault('max_new_tokens', self.max_new_tokens)
-        return chat(self.model, self.tokenizer, images, prompt, template=self.template, **kw)
+        kw = {'max_new_tokens': self.max_new_tokens, 'template': self.template, **kw}
+        return chat(self.model, self.tokenizer, images, prompt, **kw)
 
     def answer(self, images: list, questions: list[str]) -> list[str]:
         "One answer per (image, question); one image and one question string: a list of one answer."
@@ -514,23 +432,25 @@ class IllumeSystem:
                           self.max_new_tokens, template=self.template)
 
     # drawing and editing (one string: one prompt; image j of prompt i has its own `image_seed`) ---------
-    def generate_codes(self, prompts, num_images: int = 1, seed: int | None = 0, **kw) -> torch.Tensor:
-        return generate_image_codes(self.model, self.tokenizer, prompts, num_images=num_images, seed=seed,
-                                    **self._gen_kw(**kw))
+    def generate_codes(self, prompts, num_images: int = 1, seed: int | None = 0, first_prompt: int = 0,
+                       **kw) -> torch.Tensor:
+        sampling, kw = self._drawing(seed, kw)
+        return generate_image_codes(self.model, self.tokenizer, prompts, sampling, num_images=num_images,
+                                    first_prompt=first_prompt, **kw)
 
     def generate(self, prompts: list[str], num_images: int = 1, seed: int = 0, first_prompt: int = 0,
                  **kw) -> list[list]:
         prompts = _texts(prompts, 'prompt', 'IllumeSystem.generate')
-        codes = self.generate_codes(prompts, num_images, seed, first_prompt=first_prompt, **kw)
-        images = run_decode(self.decode, codes, seed, image_seeds(seed, len(prompts), num_images, first_prompt))
+        codes = self.generate_codes(prompts, num_images, seed, first_prompt, **kw)
+        images = render_images(self.renderer, codes, image_seeds(seed, len(prompts), num_images, first_prompt))
         return [images[i * num_images:(i + 1) * num_images] for i in range(len(prompts))]
 
     def edit(self, images: list, instructions: list[str], seed: int = 0, first_prompt: int = 0, **kw) -> list:
-        kw = {'uncond': self.edit_uncond, **kw}
-        codes = edit_image_codes(self.model, self.tokenizer, images, instructions, seed=seed,
-                                 first_prompt=first_prompt, **self._gen_kw(**kw))
+        sampling, kw = self._drawing(seed, {'uncond': self.edit_uncond, **kw})
+        codes = edit_image_codes(self.model, self.tokenizer, images, instructions, sampling, first_prompt=first_prompt,
+                                 **kw)
         n = kw.get('num_images', 1)
-        return run_decode(self.decode, codes, seed, image_seeds(seed, len(codes) // n, n, first_prompt))
+        return render_images(self.renderer, codes, image_seeds(seed, len(codes) // n, n, first_prompt))
 
     # persistence --------------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> Path:
@@ -563,7 +483,6 @@ class IllumeSystem:
         model, tokenizer = load_illume(path / 'mllm', device=device, dtype=dtype)
         vt = dec = None
         if 'vision_tokenizer' in meta['parts']:
-            from illume_ref.tokenizer import load_tokenizer
             vt = load_tokenizer(path / 'vision_tokenizer', device=device)
         if 'decoder' in meta['parts']:
             dec = _load_decoder(path / 'decoder')

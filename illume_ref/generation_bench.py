@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, LogitsProcessorList
 from .config import get_config
 from .generate import sample_image_codes
 from .model import llama_config_for
+from .sampling import Sampling
 from .vocab import VisualVocab
 
 # %% auto #0
@@ -78,7 +79,8 @@ def bench_generate(preset: str = 'toy', batch_size: int = 4, cfg_scale: float = 
 
     def run(method):
         if method in ('ours', 'recompute'):
-            return sample_image_codes(lm, vocab, embed(ids), mask, N, cfg_scale, 0.0, use_cache=method == 'ours')
+            return sample_image_codes(lm, vocab, embed(ids), mask, N, Sampling(cfg_scale=cfg_scale, temperature=0.0),
+                                      use_cache=method == 'ours')
         proc = ImageSpanLogitsProcessor(vocab, N, 0)
         out = lm.generate(inputs_embeds=embed(ids[:B]), attention_mask=mask[:B], max_new_tokens=vocab.image_length(N) - 1,
                           do_sample=False, guidance_scale=cfg_scale,

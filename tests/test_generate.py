@@ -1,6 +1,7 @@
 """Inference (nbs/08_inference.ipynb): KV cache == recompute, cfg_scale=1 == no guidance, exact image-span layout,
-batch == one-by-one, seeds, text-only answers, clear errors, the IllumeSystem bundle (save/load, missing parts,
-mismatched vocabularies, evaluate end to end) and the full preset's context budget. Speed and transformers parity:
+batch == one-by-one, seeds, one Sampling value through every call, the model's template, text-only answers, clear
+errors, renderers, the IllumeSystem bundle (save/load, missing parts, mismatched vocabularies, evaluate end to end)
+and the full preset's context budget. Speed and transformers parity:
 tests/test_generation_bench.py."""
 import json
 import shutil
@@ -12,12 +13,14 @@ from PIL import Image
 from transformers.utils import logging as hf_logging
 
 import illume_ref.generate as G
+import illume_ref.sampling as S
 from illume_ref.config import get_config
 from illume_ref.evaluate import ModelLike, toy_suite
-from illume_ref.generate import (IllumeSystem, chat, chat_batch, edit_image_codes, filter_logits, generate_image_codes,
-                                 generate_images, image_span_fits, sample_tokens)
+from illume_ref.generate import (IllumeSystem, chat, chat_batch, edit_image_codes, generate_image_codes, generate_images,
+                                 image_span_fits)
 from illume_ref.model import build_illume
 from illume_ref.report import evaluate
+from illume_ref.sampling import Sampling, filter_logits, sample_tokens
 from illume_ref.tasks import build_dataset
 from illume_ref.vocab import VisualVocab
 
@@ -71,14 +74,14 @@ def test_cfg_scale_one_is_conditional_only(toy):
 def test_image_span_layout(toy, monkeypatch):
     "Record every id fed back during generation: the span is <img_start>, G x (G codes, <img_row>), <img_end>."
     m, tok, v = toy["model"], toy["tok"], toy["vocab"]
-    fed, real = [], G.decode_loop
+    fed, real = [], G.sampling_loop
     def spy(lm, embeds, mask, steps, step, use_cache=True):
         def wrapped(t, logits):
             ids = step(t, logits)
             if ids is not None: fed.append(ids.clone())
             return ids
         return real(lm, embeds, mask, steps, wrapped, use_cache)
-    monkeypatch.setattr(G, "decode_loop", spy)
+    monkeypatch.setattr(G, "sampling_loop", spy)
     codes = generate_image_codes(m, tok, PROMPTS, cfg_scale=2.0, temperature=1.0, seed=0)
     ids = torch.cat(fed, 1)                                      # (2B, everything fed after <img_start>)
     B = len(PROMPTS)
@@ -139,8 +142,8 @@ def test_batch_equals_one_by_one_and_seeds(toy):
 def test_every_image_has_its_own_seed(toy):
     "Seed 0 and seed 1 with three images each share no image (seed + row used to give seed 1 seed 0's 2nd image)."
     m, tok = toy["model"], toy["tok"]
-    seeds = [G.image_seed(s, i, j) for s in range(4) for i in range(4) for j in range(4)]
-    assert len(set(seeds)) == len(seeds) and G.image_seed(0, 1, 2) == G.image_seed(0, 1, 2)
+    seeds = [S.image_seed(s, i, j) for s in range(4) for i in range(4) for j in range(4)]
+    assert len(set(seeds)) == len(seeds) and S.image_seed(0, 1, 2) == S.image_seed(0, 1, 2)
     kw = dict(cfg_scale=3.0, temperature=1.0, num_images=3)
     s0, s1 = (generate_image_codes(m, tok, PROMPTS[:1], seed=s, **kw) for s in (0, 1))
     assert not any(torch.equal(a, b) for a in s0 for b in s1)
@@ -151,10 +154,10 @@ def test_every_image_has_its_own_seed(toy):
     e0, e1 = (edit_image_codes(m, tok, toy["images"][:1], ["make it red"], seed=s, **kw) for s in (0, 1))
     assert not any(torch.equal(a, b) for a in e0 for b in e1)
     seen = []
-    def decode(codes, seeds=None):                               # a decoder that takes one seed per image
+    def render(codes, seeds):                                    # a renderer gets one seed per image
         seen.append(list(seeds)); return [Image.new("RGB", (8, 8)) for _ in codes]
-    generate_images(m, tok, PROMPTS, decode=decode, num_images=2, seed=4)
-    assert seen[0] == [G.image_seed(4, i, j) for i in range(2) for j in range(2)]
+    generate_images(m, tok, PROMPTS, render, num_images=2, seed=4)
+    assert seen[0] == [S.image_seed(4, i, j) for i in range(2) for j in range(2)]
 
 
 def test_code_mosaic_shows_missing_codes():
@@ -238,18 +241,34 @@ def test_evaluate_end_to_end(system, toy):
     metrics = evaluate(system, suite=toy_suite(cfg), cfg=cfg, encoder=build_encoder(cfg.encoder).eval(), plots=False)
     assert {"pope", "mmbench", "vqa", "geneval", "fid", "edit", "headline"} <= set(metrics)
     assert metrics["skipped"] == {} or all(k not in metrics["skipped"] for k in ("geneval", "edit"))
-    assert 0 <= metrics["headline"]["GenEval overall"] <= 1
+    g = metrics["geneval"]
+    assert g["n_prompts"] == 6 and g["n_images"] == 6                  # one prompt per category, one image each
+    assert set(g["categories"]) == {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
+    assert metrics["headline"]["GenEval overall"] == g["overall"] == pytest.approx(np.mean(list(g["categories"].values())))
 
 
-def test_pluggable_decode(toy):
-    "Any `codes -> list[PIL]` callable decodes; `pixel_decoder` chains decode_features and a diffusion pipeline."
-    from PIL import Image
+def test_geneval_scores_the_systems_own_images(system, toy):
+    "toy-GenEval judges exactly the images `system.generate` draws for its prompts and seeds (not any other)."
+    from illume_ref.evaluate import eval_geneval
+    suite = toy_suite(toy["cfg"].override({"eval.geneval_prompts_per_category": 1}))
+    scored = eval_geneval(system, suite, images_per_prompt=2, seed=3, batch_size=8)
+    own = system.generate([it["prompt"] for it in suite.geneval], num_images=2, seed=3)
+    assert [r["image"].tobytes() for r in scored["records"]] == [im.tobytes() for row in own for im in row]
+    other = system.generate([it["prompt"] for it in suite.geneval], num_images=2, seed=4)
+    assert [r["image"].tobytes() for r in scored["records"]] != [im.tobytes() for row in other for im in row]
+    per_cat = {c: np.mean([r["correct"] for r in scored["records"] if r["category"] == c]) for c in scored["categories"]}
+    assert scored["categories"] == pytest.approx(per_cat) and scored["overall"] == pytest.approx(np.mean(list(per_cat.values())))
+
+
+def test_pluggable_renderer(toy):
+    "Any `renderer(codes, seeds) -> list[PIL]` draws; `PixelRenderer` chains decode_features and a diffusion pipeline."
     m, tok = toy["model"], toy["tok"]
     seen = []
-    def decode(codes):                                        # no seed argument: still accepted
-        seen.append(codes.clone()); return [Image.new("RGB", (8, 8)) for _ in codes]
-    ims = generate_images(m, tok, PROMPTS, decode=decode, num_images=2, seed=0)
-    assert [len(g) for g in ims] == [2, 2] and seen[0].shape == (4, 64)
+    def render(codes, seeds):
+        seen.append((codes.clone(), seeds)); return [Image.new("RGB", (8, 8)) for _ in codes]
+    ims = generate_images(m, tok, PROMPTS, render, num_images=2, seed=0)
+    codes, seeds = seen[0]
+    assert [len(g) for g in ims] == [2, 2] and codes.shape == (4, 64) and len(seeds) == 4
     class FakeTokenizer:
         device = torch.device("cpu")
         def decode_features(self, codes): return codes.float()[..., None].repeat(1, 1, 3)
@@ -259,11 +278,51 @@ def test_pluggable_decode(toy):
             gens = generator if isinstance(generator, list) else [generator] * len(features)
             return torch.stack([torch.rand(3, 16, 16, generator=g) for g in gens])
     pipe = FakePipeline()
-    out = G.pixel_decoder(FakeTokenizer(), pipe, num_inference_steps=2)(seen[0], seed=0)
-    assert len(out) == 4 and out[0].size == (16, 16) and pipe.steps == 2
-    per_image = G.pixel_decoder(FakeTokenizer(), pipe)(seen[0], seeds=[7, 8, 9, 7])      # one generator per image
+    out = G.PixelRenderer(FakeTokenizer(), pipe, num_inference_steps=2)(codes, None)
+    assert len(out) == 4 and out[0].size == (16, 16) and pipe.steps == 2 and pipe.generator is None
+    per_image = G.PixelRenderer(FakeTokenizer(), pipe)(codes, [7, 8, 9, 7])              # one generator per image
     assert len(pipe.generator) == 4 and per_image[0].tobytes() == per_image[3].tobytes() != per_image[1].tobytes()
-    with pytest.raises(ValueError, match="returned 1 images"): G.run_decode(lambda c: [out[0]], seen[0])
+    with pytest.raises(ValueError, match="the renderer returned 1 images for 4 code grids"):
+        G.render_images(lambda c, s: [out[0]], codes)
+
+
+def test_sampling_travels_as_one_value(toy):
+    "One `Sampling` value, or its fields as keywords, reaches the sampler; unknown options are refused by name."
+    m, tok = toy["model"], toy["tok"]
+    s = Sampling(cfg_scale=2.0, temperature=1.0, top_k=16, seed=3)
+    codes = generate_image_codes(m, tok, PROMPTS, s)
+    assert torch.equal(codes, generate_image_codes(m, tok, PROMPTS, cfg_scale=2.0, temperature=1.0, top_k=16, seed=3))
+    assert torch.equal(generate_image_codes(m, tok, PROMPTS, s, top_k=4), generate_image_codes(m, tok, PROMPTS, s.replace(top_k=4)))
+    assert not torch.equal(codes, generate_image_codes(m, tok, PROMPTS, s.replace(seed=4)))
+    with pytest.raises(TypeError, match=r"generate_image_codes: unexpected keyword argument\(s\) \['top_kk'\]"):
+        generate_image_codes(m, tok, PROMPTS, top_kk=3)
+    with pytest.raises(TypeError, match="generate_image_codes: sampling must be a Sampling, got float"):
+        generate_image_codes(m, tok, PROMPTS, 3.0)
+    with pytest.raises(TypeError, match=r"chat: unexpected keyword argument\(s\) \['cfg_scale'\]"):
+        chat(m, tok, None, "Hi.", cfg_scale=3.0)
+    system = IllumeSystem(m, tok, sampling=s)
+    assert system.sampling == s and system.generation_config["top_k"] == 16
+    assert torch.equal(system.generate_codes(PROMPTS, seed=3), codes)                   # the call's seed, the system's rest
+    assert torch.equal(system.generate_codes(PROMPTS, seed=3, top_k=4), generate_image_codes(m, tok, PROMPTS, s, top_k=4))
+    with pytest.raises(TypeError, match=r"IllumeSystem: unexpected keyword argument\(s\) \['seed'\]"):
+        IllumeSystem(m, tok, seed=1)                                                      # seeds come with each call
+
+
+def test_prompts_use_the_models_template(toy):
+    "No template given: the model's (`llm.conversation_template`); a template given overrides it."
+    m, tok = toy["model"], toy["tok"]
+    vicuna = tok.decode(G.prompt_ids(m, tok, G._user("hi"))[0])
+    assert "A chat between" in vicuna and vicuna.endswith("USER: hi ASSISTANT:")
+    old = m.config.conversation_template
+    try:
+        m.config.conversation_template = "plain"
+        plain = tok.decode(G.prompt_ids(m, tok, G._user("hi"))[0])
+        assert "A chat between" not in plain and "ASSISTANT" not in plain
+        assert tok.decode(G.image_prompts(m, tok, [["hi"]], cfg=False)[0][0]) == plain + "<img_start>"
+        assert tok.decode(G.prompt_ids(m, tok, G._user("hi"), "vicuna_v1")[0]) == vicuna
+        assert IllumeSystem(m, tok).generation_config["template"] is None             # the system follows the model
+    finally:
+        m.config.conversation_template = old
 
 
 def test_full_preset_context_budget():
@@ -281,7 +340,11 @@ def test_system_with_diffusion_decoder(system, toy, tmp_path):
     dec = dec_mod.DiffusionDecoder.from_config(tiny, feature_dim=vt.feature_dim, tokens_per_image=vt.tokens_per_image)
     sys_ = IllumeSystem(toy["model"], toy["tok"], vt, dec.eval(), temperature=1.0, top_k=16,
                         decoder_kwargs={"num_inference_steps": 2})
-    ims = sys_.generate(PROMPTS[:1], num_images=2, seed=0)
+    checks, real = [], vt.check_indices
+    vt.check_indices = lambda codes: checks.append(tuple(codes.shape)) or real(codes)
+    try: ims = sys_.generate(PROMPTS[:1], num_images=2, seed=0)
+    finally: del vt.check_indices
+    assert checks == [(2, 64)]                                 # prompt -> pixels: the codes are range-checked once
     assert len(ims[0]) == 2 and ims[0][0].size == (64, 64)
     again = sys_.generate(PROMPTS[:1], num_images=2, seed=0)
     import numpy as np
