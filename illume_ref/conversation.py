@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from PIL import Image
+from transformers import AutoTokenizer
 
 from .config import LLMConfig
 from .core import atomic_dir, cached_run, pad_to_square
@@ -90,7 +91,6 @@ def pretrained_toy_text_tokenizer(llm: LLMConfig | None = None, cache: str | Pat
     """The toy LLM's text tokenizer: the byte-level BPE of `vocab.train_toy_text_tokenizer(llm.text_vocab_size,
     toy_text_corpus())`, *trained* on the first call (seconds) and kept in the cache folder (`core.cached_run`),
     loaded from there afterwards. A real LLM's tokenizer is `vocab.load_text_tokenizer(llm)` (its `tokenizer_path`)."""
-    from transformers import AutoTokenizer
     llm = llm if llm is not None else LLMConfig()
     def build(folder):
         with atomic_dir(folder, last='tokenizer.json') as tmp:

@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import transformers
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, CLIPVisionConfig, CLIPVisionModel,
+                          LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel)
 from transformers.modeling_outputs import ModelOutput
 
 from .config import ConfigError, EncoderConfig, IllumeRefConfig, LLMConfig
@@ -93,7 +94,6 @@ def _encoder_from_config(config: IllumeConfig) -> SemanticEncoder:
     "Rebuild the encoder skeleton from the saved configs (weights come from the checkpoint)."
     enc_cfg = EncoderConfig.from_dict(config.encoder)
     if enc_cfg.kind == 'toy_vit': return ToyViT(enc_cfg.replace(name_or_path=None))
-    from transformers import AutoModel
     tower = AutoModel.from_config(AutoConfig.for_model(**config.vision_config))
     return VisionTower(tower, select_layer=enc_cfg.select_layer, drop_cls=enc_cfg.drop_cls,
                        token_merge=enc_cfg.token_merge, image_size=enc_cfg.image_size,
@@ -342,7 +342,6 @@ def load_illume(path: str | Path, expected_vocab: VisualVocab | None = None, tok
     """`(model, tokenizer)` from a folder written by `save_illume`. Raises, naming expected vs found, when the
     checkpoint's visual vocabulary differs from `expected_vocab` or does not fit `tokenizer` (default: the one
     saved with it)."""
-    from transformers import AutoTokenizer
     path = Path(path)
     if not (path / 'config.json').exists():
         raise FileNotFoundError(f"no ILLUME checkpoint at '{path}' (config.json missing)")
@@ -363,7 +362,6 @@ def load_illume(path: str | Path, expected_vocab: VisualVocab | None = None, tok
 def meta_illume(cfg: IllumeRefConfig) -> IllumeForConditionalGeneration:
     """ILLUME with `cfg`'s shapes on the `meta` device (no weights): shapes and parameter counts of any preset,
     with a CLIP-style stand-in of the encoder's shapes when it is a HF tower."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel
     T = cfg.llm.text_vocab_size
     vocab = VisualVocab(T, cfg.num_visual_tokens, cfg.llm.row_separator)
     with torch.device('meta'):

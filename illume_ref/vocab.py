@@ -13,6 +13,8 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from .config import ConfigError, LLMConfig
 from .core import load_json, save_json
@@ -30,8 +32,6 @@ def train_toy_text_tokenizer(vocab_size: int, corpus: Sequence[str], min_frequen
     """A byte-level BPE with at most `vocab_size` tokens trained on the texts `corpus` (the toy LLM's:
     `conversation.toy_text_corpus()`), as a `PreTrainedTokenizerFast` with `<unk>`=0, `<s>`=1 (BOS, prepended),
     `</s>`=2 (EOS), `<pad>`=3."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
     specials = list(TEXT_SPECIAL_TOKENS.values())
     if vocab_size < 256 + len(specials):
         raise ValueError(f"a byte-level BPE needs vocab_size >= {256 + len(specials)} (256 bytes + "
@@ -54,7 +54,6 @@ def load_text_tokenizer(llm: LLMConfig):
     """The text tokenizer at `llm.tokenizer_path` (Vicuna's at full scale): `AutoTokenizer.from_pretrained` on it,
     given a pad token (`<unk>`, as LLaVA does, else EOS) when it has none. A config without a path (the toy preset)
     trains its own BPE instead: `conversation.pretrained_toy_text_tokenizer(llm)`."""
-    from transformers import AutoTokenizer
     path = llm.tokenizer_path
     if not path:
         raise ConfigError("config field 'llm.tokenizer_path' is empty: there is no tokenizer to load (the toy preset "
@@ -243,7 +242,6 @@ class VisualVocab:
 def extend_tokenizer(tokenizer, num_codes: int, row_separator: bool = True) -> VisualVocab:
     """Add `<img_0>...<img_{num_codes-1}>`, `<img_start>`, `<img_end>`, `<image>` (and `<img_row>`) to a HF
     tokenizer as special tokens, right after its current vocabulary; returns the `VisualVocab` describing them."""
-    from tokenizers import AddedToken
     vocab = VisualVocab(len(tokenizer), num_codes, row_separator)
     taken = [t for t in vocab.new_tokens()[:1] + vocab.new_tokens()[-4:] if t in tokenizer.get_vocab()]
     if taken:
