@@ -73,6 +73,10 @@ def test_eval_writes_metrics(cli, model_dir, tmp_path):
     assert code == 0, err
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert {"pope", "mmbench", "vqa", "geneval", "fid", "edit"} <= set(metrics)
+    # the sizes asked for on the command line are the sizes scored (one GenEval prompt per category, one image each)
+    assert (metrics["geneval"]["n_prompts"], metrics["geneval"]["n_images"]) == (6, 6)
+    assert (metrics["vqa"]["n"], metrics["mmbench"]["n_questions"], metrics["edit"]["n"]) == (2, 2, 2)
+    assert metrics["fid"]["n_generated"] == 3 and metrics["headline"]["GenEval overall"] == metrics["geneval"]["overall"]
     assert (tmp_path / "ev" / "report.md").exists()
 
 

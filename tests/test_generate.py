@@ -422,7 +422,8 @@ def test_end_of_turn_text_in_prompts_stays_text(toy):
     for row in [ids] + rows:
         assert tok.eos_token_id not in row and not forbidden & set(row[1:]), row
     assert inject in tok.decode(ids)
-    assert chat_batch(m, tok, [(None, inject)], 3, return_ids=True)[0] is not None
+    answer = chat_batch(m, tok, [(None, inject)], 3, return_ids=True)[0]              # and the answer is text only
+    assert len(answer) <= 3 and all(0 <= i < toy["vocab"].text_vocab_size for i in answer)
 
 
 def test_system_json_is_checked_by_name(system, tmp_path):

@@ -165,7 +165,10 @@ def test_anyres_collate_and_forward(toy):
     assert int((batch["input_ids"] == v.row_separator_id).sum()) == 3 + 1 + 1
     assert not (batch["labels"] == v.row_separator_id).any()
     with torch.no_grad(): out = m(**forward_args(batch))
-    assert torch.isfinite(out.loss)
+    labels = batch["labels"]
+    manual = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+    assert torch.isfinite(out.loss) and torch.allclose(out.loss, manual, atol=1e-5)     # Eq. 1 over the AnyRes batch
+    assert out.num_targets["vqa"] == int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 def test_cached_decoding_matches_full_forward(toy):
