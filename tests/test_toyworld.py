@@ -96,3 +96,18 @@ def test_the_toy_world_imports_without_torch():
             "assert 'torch' not in sys.modules, 'torch was imported'")
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_the_toy_world_floors():
+    "toyworld < oracle < captions < tasks: each module imports only the ones below it."
+    import ast
+    from pathlib import Path
+    import illume_ref
+    order = ['toyworld', 'oracle', 'captions', 'tasks']
+    root = Path(illume_ref.__file__).parent
+    for i, name in enumerate(order):
+        tree = ast.parse((root / f'{name}.py').read_text())
+        imported = {n.module.rsplit('.', 1)[-1] for n in ast.walk(tree)
+                    if isinstance(n, ast.ImportFrom) and n.module and (n.level or n.module.startswith('illume_ref'))}
+        assert not imported & set(order[i:]), (name, sorted(imported))
+        assert set(order[:i]) & imported or i == 0, (name, sorted(imported))     # and it does build on the floor below
