@@ -13,7 +13,7 @@ from illume_ref.conversation import (DIALOGUE_TASKS, TASK_PROMPTS, VICUNA_SYSTEM
                                      toy_text_corpus)
 from illume_ref.encoders import images_to_tensor
 from illume_ref.tasks import build_dataset
-from illume_ref.vocab import IGNORE_INDEX, extend_tokenizer, load_text_tokenizer
+from illume_ref.vocab import IGNORE_INDEX, VisualVocab, extend_tokenizer, load_text_tokenizer
 
 
 class CodesFromPixels:
@@ -242,8 +242,7 @@ def test_anyres_global_view_is_padded_not_stretched():
 
 def test_codes_are_checked_once_per_batch_and_stay_tensors(conv, monkeypatch):
     "Image -> codes -> ids: a batch's codes are range-checked in one call (not once per example), ids are tensors."
-    from illume_ref.vocab import VisualVocab
-    tok, v, d = conv["tok"], conv["vocab"], conv["data"]
+    tok, v = conv["tok"], conv["vocab"]
     calls, real = [], VisualVocab.check_codes
     monkeypatch.setattr(VisualVocab, "check_codes", lambda self, codes: calls.append(tuple(codes.shape)) or real(self, codes))
     batch = mixed_batch(conv)                                            # three images to write
