@@ -34,8 +34,8 @@ from .training import EMA, Trainer, step_rng
 __all__ = ['PIXEL_PATCH_SIZE', 'SPATIAL_CHANNELS', 'SAMPLE_LOSS_CAP', 'ConditionProjector', 'unet_block_types', 'build_unet',
            'adapt_cross_attention', 'add_input_channels', 'build_vae', 'noise_schedule', 'sampling_scheduler',
            'resolve_decoder_config', 'check_images', 'images_to_sample', 'sample_to_images', 'DiffusionDecoder',
-           'IllumeDecoderPipeline', 'WarmupEMA', 'seen_in_training', 'render_encode_decode', 'evaluate_decoder',
-           'train_decoder', 'pretrained_toy_decoder', 'bench_decoder', 'format_bench_decoder']
+           'IllumeDecoderPipeline', 'seen_in_training', 'render_encode_decode', 'evaluate_decoder', 'train_decoder',
+           'pretrained_toy_decoder', 'bench_decoder', 'format_bench_decoder']
 
 # %% ../nbs/05_decoder.ipynb #a3fef292
 class ConditionProjector(ModelMixin, ConfigMixin):
@@ -423,32 +423,6 @@ class IllumeDecoderPipeline(DiffusionPipeline):
         "UNet space (VAE latents or folded pixels) -> images `(B, 3, S, S)` in [0, 1]."
         return sample_to_images(sample, self.vae, self.config.pixel_patch_size)
 
-# %% ../nbs/05_decoder.ipynb #6e86d8d2
-class WarmupEMA(EMA):
-    """`training.EMA` whose decay warms up as `min(decay, (1 + n) / (10 + n))` after n updates, so a short run's
-    average is not dominated by the initial weights. The update count is saved with the weights (as
-    `ema.num_updates`), so a resumed run averages exactly like an uninterrupted one."""
-
-    def __init__(self, model: nn.Module, decay: float = 0.999):
-        super().__init__(model, decay)
-        self.num_updates = 0
-
-    @torch.no_grad()
-    def update(self, model: nn.Module):
-        self.num_updates += 1
-        decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        for k, v in model.state_dict().items():
-            if v.dtype.is_floating_point: self.shadow[k].lerp_(v.detach(), 1 - decay)
-            else: self.shadow[k].copy_(v)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {**self.shadow, "ema.num_updates": torch.tensor(self.num_updates)}
-
-    def load_state_dict(self, sd: dict[str, torch.Tensor]):
-        sd = dict(sd)
-        self.num_updates = int(sd.pop("ema.num_updates", torch.tensor(0)))
-        super().load_state_dict(sd)
-
 # %% ../nbs/05_decoder.ipynb #b2716413
 def seen_in_training(scenes, train, world=None) -> list[bool]:
     """For each scene, whether `train_decoder` with `TrainConfig` `train` (its seed, batch size, steps and gradient
@@ -509,7 +483,7 @@ def train_decoder(cfg: IllumeRefConfig, tokenizer, out_dir: str | Path, resume: 
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": train.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=(0.9, 0.99))
-    emas = {k: WarmupEMA(m, dcfg.ema_decay) for k, m in models.items()} if dcfg.use_ema else None
+    emas = {k: EMA(m, dcfg.ema_decay, warmup=True) for k, m in models.items()} if dcfg.use_ema else None
     trainer = Trainer(models, optimizer, train, out_dir, emas=emas, resume=resume, device=device,
                       desc="diffusion decoder", progress=progress, keep_last=keep_last)
     antialias = bool(cfg.world.antialias)

@@ -7,7 +7,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from illume_ref.config import QuantizerConfig, get_config
-from illume_ref.decoder import (ConditionProjector, DiffusionDecoder, IllumeDecoderPipeline, WarmupEMA,
+from illume_ref.decoder import (ConditionProjector, DiffusionDecoder, IllumeDecoderPipeline,
                                 adapt_cross_attention, add_input_channels, bench_decoder, evaluate_decoder,
                                 format_bench_decoder, images_to_sample, noise_schedule, render_encode_decode,
                                 sample_to_images, sampling_scheduler, train_decoder, pretrained_toy_decoder,
@@ -241,15 +241,17 @@ def test_train_stop_resume_is_bit_identical(tokenizer, tmp_path):
         train_decoder(tiny_cfg(block_out_channels=[32, 32]), tokenizer, tmp_path / 'twice', steps=6, progress=False, resume=True)
 
 
-def test_warmup_ema_round_trip():
-    lin = torch.nn.Linear(2, 2)
-    w0 = lin.weight.detach().clone()
-    ema = WarmupEMA(lin, 0.999)
-    with torch.no_grad(): lin.weight.fill_(1.0)
-    ema.update(lin)
-    assert torch.allclose(ema.shadow['weight'], w0 * 2 / 11 + 9 / 11)
-    other = WarmupEMA(torch.nn.Linear(2, 2)); other.load_state_dict(ema.state_dict())
-    assert other.num_updates == 1 and torch.equal(other.shadow['weight'], ema.shadow['weight'])
+def test_the_decoder_ema_warms_up(tokenizer, tmp_path):
+    "After one step the sampled weights are 2/11 the initial and 9/11 the trained ones (not 0.999 the initial)."
+    from illume_ref.core import seed_everything
+    cfg = tiny_cfg()
+    averaged, _ = train_decoder(cfg, tokenizer, tmp_path / 'ema', steps=1, progress=False, eval_images=0)
+    trained, _ = train_decoder(tiny_cfg(use_ema=False), tokenizer, tmp_path / 'raw', steps=1, progress=False, eval_images=0)
+    seed_everything(cfg.decoder.train.seed)                          # the initial weights train_decoder starts from
+    init = DiffusionDecoder.from_config(resolve_decoder_config(cfg.decoder), tokenizer.feature_dim, tokenizer.tokens_per_image)
+    w0, w1 = init.unet.conv_in.weight.detach(), trained.unet.conv_in.weight.detach()
+    assert not torch.allclose(w0, w1)
+    torch.testing.assert_close(averaged.unet.conv_in.weight.detach(), 2 / 11 * w0 + 9 / 11 * w1)
 
 
 def test_seen_in_training_replays_the_draws():
