@@ -255,6 +255,13 @@ def example_to_turns(example: dict, task: str, template: str | None = None) -> l
     return [user({'image': example['image']}, "\n" + question), assistant(example['answer'])]
 
 
+def _at_size(images: list, size: int | None) -> bool:
+    "Whether all `images` are PIL images (or all `(3, H, W)` tensors) of `size` x `size` px already."
+    if size is None: return False
+    if all(isinstance(im, Image.Image) for im in images): return all(im.size == (size, size) for im in images)
+    return all(isinstance(im, torch.Tensor) and im.ndim == 3 and tuple(im.shape[-2:]) == (size, size) for im in images)
+
+
 def pad_token_id(tokenizer) -> int:
     "The id that pads a batch: the tokenizer's pad token, else its EOS."
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -303,7 +310,9 @@ def collate(examples: Sequence[dict], tokenizer, vocab: VisualVocab, tasks: str 
             raise ValueError(f"{len(targets)} image(s) to generate are given as pixels: pass vision_tokenizer= to "
                              "encode them, or give their 'codes'")
         size = getattr(vision_tokenizer, 'image_size', None)
-        codes = vision_tokenizer.encode(torch.cat([view_tensor(p['target_image'], size) for p in targets])).cpu()
+        images = [p['target_image'] for p in targets]
+        if not _at_size(images, size): images = torch.cat([view_tensor(im, size) for im in images])   # resized once
+        codes = vision_tokenizer.encode(images).cpu()           # images at its size: the tokenizer converts them, once
         codes_of = {id(p): c for p, c in zip(targets, codes)}
         dialogues = [[{**turn, 'content': [{'codes': codes_of[id(p)]} if id(p) in codes_of else p
                                            for p in turn['content']]} for turn in d] for d in dialogues]

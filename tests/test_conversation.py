@@ -270,3 +270,23 @@ def test_template_names_are_checked(conv):
     assert torch.equal(tokenize_conversation(turns, tok, v)["input_ids"], tokenize_conversation(turns, tok, v, "vicuna_v1")["input_ids"])
     with pytest.raises(ValueError, match=r"unknown conversation template 'chatml': expected one of \('vicuna_v1', 'plain'\)"):
         collate([conv["data"]["vqa"][0]], tok, v, tasks="vqa", template="chatml")
+
+
+def test_images_to_write_are_converted_once(conv, monkeypatch):
+    "Images at the vision tokenizer's size go to it as they are (it converts them once); others are resized here once."
+    import illume_ref.conversation as C
+    d = conv["data"]
+    seen, real = [], C.images_to_tensor
+    monkeypatch.setattr(C, "images_to_tensor", lambda *a, **k: seen.append(1) or real(*a, **k))
+    class Encoder(CodesFromPixels):
+        def encode(self, images):
+            self.got = images
+            return super().encode(images)
+    enc = Encoder()
+    exs = [d["caption"][0], d["caption"][1]]                                  # 64 px PIL images, as the tokenizer wants
+    batch = collate(exs, conv["tok"], conv["vocab"], tasks="generate", vision_tokenizer=enc)
+    assert seen == [] and isinstance(enc.got, list) and len(enc.got) == 2      # no conversion before the tokenizer's
+    small = [{**e, "image": e["image"].resize((32, 32))} for e in exs]
+    again = collate(small, conv["tok"], conv["vocab"], tasks="generate", vision_tokenizer=enc)
+    assert len(seen) == 2 and tuple(enc.got.shape) == (2, 3, 64, 64)         # resized here, once per image
+    assert batch["labels"].shape == again["labels"].shape
