@@ -252,7 +252,7 @@ BENCHMARKS = {
                   "chunked nearest-code search vs torch.cdist + argmin (time, peak memory)"),
     "decoder": ("illume_ref.decoder", "bench_decoder", "format_bench_decoder",
                 "diffusion decoder: seconds per image vs inference steps, images/s at batch 1 and 16"),
-    "generate": ("illume_ref.generate", "bench_generate", "format_bench_generate",
+    "generate": ("illume_ref.generation_bench", "bench_generate", "format_bench_generate",
                  "image-token generation: cached batched CFG vs no cache vs transformers' generate"),
 }
 
