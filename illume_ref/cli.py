@@ -289,7 +289,7 @@ def _images(paths) -> list:
 
 def _system(args):
     from illume_ref.generate import IllumeSystem
-    return IllumeSystem.from_pretrained(args.model, device=get_device(args.device))
+    return IllumeSystem.from_pretrained(args.model, device=get_device(args.device), trust_remote_code=args.trust_remote_code)
 
 
 def _sampling(args) -> dict:
@@ -365,6 +365,8 @@ def cmd_eval(args) -> int:
 
 def _model_args(p: argparse.ArgumentParser, sampling: bool = True):
     p.add_argument("--model", required=True, help="a saved model folder (IllumeSystem.save_pretrained)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let a Hugging Face tower the folder names run its own code (off: loading runs no code from it)")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     if sampling:

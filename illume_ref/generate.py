@@ -467,9 +467,11 @@ class IllumeSystem:
         return path
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device=None, dtype=None, **overrides) -> 'IllumeSystem':
+    def from_pretrained(cls, path: str | Path, device=None, dtype=None, trust_remote_code: bool = False,
+                        **overrides) -> 'IllumeSystem':
         """Load a folder written by `save_pretrained`; every part listed in its `system.json` must be there, and the
-        parts must agree (codebook size, codes per image, tokenizer)."""
+        parts must agree (codebook size, codes per image, tokenizer). No code from the folder (or from a Hugging Face
+        tower its tokenizer names) runs unless the caller passes `trust_remote_code=True` for this load."""
         path = Path(path).expanduser()
         if not (path / 'system.json').exists():
             found = sorted(p.name for p in path.iterdir())[:8] if path.is_dir() else 'the folder does not exist'
@@ -483,7 +485,7 @@ class IllumeSystem:
         model, tokenizer = load_illume(path / 'mllm', device=device, dtype=dtype)
         vt = dec = None
         if 'vision_tokenizer' in meta['parts']:
-            vt = load_tokenizer(path / 'vision_tokenizer', device=device)
+            vt = load_tokenizer(path / 'vision_tokenizer', device=device, trust_remote_code=trust_remote_code)
         if 'decoder' in meta['parts']:
             dec = _load_decoder(path / 'decoder')
             if device is not None and hasattr(dec, 'to'): dec = dec.to(device)
