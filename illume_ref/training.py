@@ -540,12 +540,13 @@ def _log_entry(trainer: Trainer, logs: dict, tokens: float | None, seconds: floa
     "One history entry: step, every group's LR, the logs averaged over processes, tokens per second."
     acc, groups = trainer.accelerator, trainer.optimizer.param_groups
     entry = {"step": trainer.step, "lr": groups[0]["lr"], **{f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(groups)}}
-    keys = sorted(logs)
-    values = torch.tensor([logs[k] for k in keys] + [tokens or 0.0], dtype=torch.float64, device=acc.device)
-    if acc.num_processes > 1:                              # the same steps on every process: one all-reduce
-        values = torch.cat([acc.reduce(values[:-1], "mean"), acc.reduce(values[-1:], "sum")])
-    entry.update(zip(keys, values[:-1].tolist()))
-    if tokens is not None: entry["tokens_per_second"] = values[-1].item() / max(seconds, 1e-9)
+    # processes may log different keys (a per-task loss exists only where that task was in the batch): gather them
+    # all, average each key over the processes that logged it, and sum the tokens
+    every = trainer._gather((logs, tokens))
+    for k in sorted({k for lg, _ in every for k in lg}):
+        seen = [lg[k] for lg, _ in every if k in lg]
+        entry[k] = sum(seen) / len(seen)
+    if tokens is not None: entry["tokens_per_second"] = sum(t or 0.0 for _, t in every) / max(seconds, 1e-9)
     return entry
 
 
