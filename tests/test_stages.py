@@ -133,7 +133,7 @@ def _torchrun(script, out, n, encoder):
 def test_two_processes_give_the_loss_curve_of_one(tmp_path):
     """Stage 1 with a global batch of 8: one process, and two processes with 4 each (gloo, DDP through accelerate),
     see the same examples (StageBatches) and weight their losses by their share of the batch's tokens, so the curves
-    agree to float32 rounding: within 1e-4 relative at every step."""
+    agree to float32 rounding: within 1e-6 relative at every step (measured: 7e-8)."""
     from illume_ref.encoders import ToyViT
     cfg = get_config("toy", TINY)
     torch.manual_seed(0)
@@ -141,5 +141,5 @@ def test_two_processes_give_the_loss_curve_of_one(tmp_path):
     script = str(Path(__file__).with_name("_dist_stage.py"))
     one, two = (_torchrun(script, tmp_path / name, n, tmp_path / "vit") for name, n in (("one", 1), ("two", 2)))
     assert len(one) == len(two) == 6
-    assert all(abs(a - b) <= 1e-4 * abs(a) for a, b in zip(one, two)), (one, two)
+    assert all(abs(a - b) <= 1e-6 * abs(a) for a, b in zip(one, two)), (one, two)
     assert one[-1] < one[0]                                                   # and it learns
