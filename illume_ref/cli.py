@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
+import importlib
 import inspect
 import json
 import logging
@@ -214,6 +215,7 @@ def cmd_train(args) -> int:
         for name in (STAGES if args.target == "stages" else (args.target,)): print(dry_run(cfg, name), end="\n\n")
         return 0
     kw = {"eval_images": args.eval_images} if args.eval_images is not None else {}
+    importlib.import_module("illume_ref.reconstruction")     # registers kind 'reconstruction' (notebook 04a) with the tokenizer loaders
     if args.target == "decoder":
         from illume_ref.tokenizer import load_tokenizer, pretrained_toy_tokenizer
         tokenizer = load_tokenizer(args.tokenizer, config=cfg) if args.tokenizer else pretrained_toy_tokenizer(cfg)
@@ -221,7 +223,7 @@ def cmd_train(args) -> int:
     with (contextlib.nullcontext(out) if args.resume else fresh_run_dir(out, keep=_kept_training)) as out:
         cfg.save(out / "config.yaml")
         if args.target == "encoder":
-            from illume_ref.encoders import pretrain_toy_encoder
+            from illume_ref.toy_encoder import pretrain_toy_encoder
             _, history = pretrain_toy_encoder(cfg.encoder, steps=args.steps or 200, seed=cfg.seed, out_dir=out,
                                               world=cfg.world, device=args.device)
             result = {"steps": args.steps or 200, "seconds": history.get("seconds")}

@@ -93,7 +93,8 @@ def _start(cfg: IllumeRefConfig, stage: StageConfig, previous, device, trust_rem
     if previous is None:
         if stage.name != 'stage1':
             raise ValueError(f"{stage.name} starts from the previous stage's folder: pass previous= (--from DIR)")
-        from illume_ref.encoders import build_encoder, pretrained_toy_encoder
+        from illume_ref.encoders import build_encoder
+        from illume_ref.toy_encoder import pretrained_toy_encoder
         from illume_ref.model import build_illume
         enc = (pretrained_toy_encoder(cfg.encoder, progress=False) if cfg.encoder.kind == 'toy_vit' and not cfg.encoder.name_or_path
                else build_encoder(cfg.encoder, trust_remote_code=trust_remote_code))

@@ -1,5 +1,6 @@
 """The semantic encoder (nbs/03_encoder.ipynb): HF vision towers built, saved and loaded through
-`VisionTower`; the toy ViT's save/load, pretraining and probes; clear errors on bad input."""
+`VisionTower`; the toy ViT's save/load; one input check and one normalisation (`normalize`) on every path; clear
+errors on bad input. The toy ViT's pretraining, cache and probes are tests/test_toy_encoder.py's."""
 import json
 
 import pytest
@@ -8,10 +9,9 @@ import transformers
 from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
 from illume_ref.config import EncoderConfig, get_config
-from illume_ref.encoders import (CLIP_MEAN, HALF_MEAN, ToyViT, VisionTower, build_encoder, images_to_tensor,
-                                 linear_probe, merge_tokens, pretrain_toy_encoder, pretrained_toy_encoder, probe_data,
-                                 toy_batch)
-from illume_ref.toyworld import render_batch, scene_split
+import illume_ref.encoders as encoders_module
+from illume_ref.encoders import CLIP_MEAN, HALF_MEAN, ToyViT, VisionTower, build_encoder, images_to_tensor, merge_tokens
+from illume_ref.toyworld import render_batch, sample_scenes
 
 transformers.logging.set_verbosity_error()
 transformers.logging.disable_progress_bar()
@@ -119,7 +119,7 @@ def test_toy_vit_round_trip(tmp_path):
     cfg = get_config("toy").encoder
     torch.manual_seed(0)
     model = ToyViT(cfg).eval()
-    px = model.preprocess(toy_batch(0, 3)["images"])
+    px = model.preprocess(render_batch(sample_scenes(0, 3), 64))
     feats = model(px)
     assert feats.shape == (3, 64, 128) and (model.num_tokens, model.output_dim, model.image_size) == (64, 128, 64)
     model.save_pretrained(tmp_path / "toy")
@@ -131,53 +131,6 @@ def test_toy_vit_round_trip(tmp_path):
     assert model.image_mean == HALF_MEAN
     with pytest.raises(ValueError, match="num_layers=2, but the ToyViT saved"):
         ToyViT.from_pretrained(tmp_path / "toy", cfg.replace(num_layers=2))
-
-
-def test_pretraining_lowers_loss_and_probe(tmp_path):
-    cfg = get_config("toy").encoder
-    model, history = pretrain_toy_encoder(cfg, steps=12, batch_size=8, seed=0, out_dir=tmp_path / "enc",
-                                          progress=False, log_every=1)
-    assert len(history["loss"]) == 12 and history["seconds"] > 0
-    first, last = sum(history["loss"][:3]) / 3, sum(history["loss"][-3:]) / 3
-    assert last < 0.7 * first, (first, last)
-    assert (tmp_path / "enc" / "history.json").exists() and not model.training
-    again = ToyViT.from_pretrained(tmp_path / "enc")
-    px = model.preprocess(toy_batch(1, 2)["images"])
-    assert torch.equal(again.eval()(px), model(px))
-    acc = linear_probe(model, num_train=24, num_test=12, steps=30, return_majority=True)
-    tasks = {"patch_shape", "patch_color", "object_shape", "object_color", "object_cell", "count"}
-    assert tasks <= set(acc) and all(0 <= v <= 1 for v in acc.values())
-    assert acc["patch_color"] > acc["patch_color_majority"]       # colour is linear in pixels even after 12 steps
-    # the cache trains once, then loads
-    a = pretrained_toy_encoder(cfg, steps=2, batch_size=4, cache=tmp_path / "cache", progress=False)
-    b = pretrained_toy_encoder(cfg, steps=2, batch_size=4, cache=tmp_path / "cache", progress=False)
-    assert torch.equal(a(px), b(px)) and len(list((tmp_path / "cache").iterdir())) == 1
-
-
-def test_toy_batch_renders_with_render_batch_and_keeps_to_its_split():
-    b = toy_batch(3, 5, split="test")
-    assert {scene_split(s) for s in b["scenes"]} == {"test"}
-    assert torch.equal(b["images"], render_batch(b["scenes"], 64))
-    assert b["shape"].shape == (5, 64) and b["cell"].shape == (5, 64)
-
-
-def test_pretraining_draws_train_scenes_and_probes_score_test_scenes(monkeypatch):
-    import illume_ref.encoders as encoders_module
-    drawn = []
-
-    def recording(rng, batch_size, image_size=64, patch_size=8, world=None, split=None):     # the real batch, recorded
-        drawn.append(split)
-        b = toy_batch(rng, batch_size, image_size, patch_size, world, split)
-        drawn.append({scene_split(s) for s in b["scenes"]})
-        return b
-    monkeypatch.setattr(encoders_module, "toy_batch", recording)
-    cfg = EncoderConfig(hidden_size=32, num_layers=1, num_heads=2)
-    model, _ = pretrain_toy_encoder(cfg, steps=3, batch_size=4, progress=False)
-    assert drawn == ["train", {"train"}] * 3
-    drawn.clear()
-    linear_probe(model, num_train=6, num_test=6, steps=2)
-    assert drawn == ["train", {"train"}, "test", {"test"}]
-    assert probe_data(model, 4, seed=2, split="val")["cell"].shape == (4, 64)
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -240,27 +193,48 @@ def test_tower_normalisation_override_and_remote_code_flag(towers):
     assert (enc.image_mean, enc.image_std, enc.trust_remote_code) == ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), False)
 
 
-def test_toy_encoder_cache_counts_a_run_done_only_with_its_history(tmp_path):
-    "model.safetensors is written before history.json: a folder without the history is trained again."
-    from safetensors.torch import save_file
-    cfg = EncoderConfig(hidden_size=32, num_layers=1, num_heads=2)
-    a = pretrained_toy_encoder(cfg, steps=2, batch_size=2, cache=tmp_path, progress=False)
-    (folder,) = tmp_path.glob("toy_vit-*")
-    assert (folder / "history.json").exists()
-    (folder / "history.json").unlink()                                  # as if stopped between the two writes
-    save_file({k: torch.zeros_like(v) for k, v in a.state_dict().items()}, str(folder / "model.safetensors"))
-    b = pretrained_toy_encoder(cfg, steps=2, batch_size=2, cache=tmp_path, progress=False)
-    assert (folder / "history.json").exists()
-    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())   # retrained (seeded), not the zeros
-
-
 def test_non_square_pictures_are_padded_not_stretched():
     "A 4:1 strip keeps its shapes' proportions: it is centred on a square of its background colour."
     from PIL import Image
-    from illume_ref.encoders import images_to_tensor
     strip = Image.new("RGB", (64, 16), (245, 245, 245)); strip.paste((200, 0, 0), (28, 4, 36, 12))   # an 8x8 square
     x = images_to_tensor(strip, 64)[0]
     red = (x[0] > 0.6) & (x[1] < 0.3)
     rows, cols = red.any(1).nonzero().flatten(), red.any(0).nonzero().flatten()
     assert abs(len(rows) - len(cols)) <= 1 and 7 <= len(cols) <= 9          # still square, not 4x taller
     assert torch.allclose(x[:, 2, 2], torch.tensor([245 / 255] * 3), atol=1e-2)   # background above the strip
+
+
+def test_normalize_is_the_one_normalisation(towers):
+    "`normalize` is exactly the old `(x - mean) / std` in fp32, then the cast; `preprocess` is the check, the resize, then it."
+    x = torch.rand(3, 3, 64, 64)
+    for enc in (ToyViT(EncoderConfig(hidden_size=32, num_layers=1, num_heads=2)).eval(),
+                VisionTower.from_pretrained(towers["root"] / "clip")):            # 0.5 / 0.5, and CLIP's statistics
+        mean = torch.tensor(enc.image_mean).view(1, 3, 1, 1)
+        std = torch.tensor(enc.image_std).view(1, 3, 1, 1)
+        assert torch.equal(enc.normalize(x), (x - mean) / std)
+        assert torch.equal(enc.preprocess(x), enc.normalize(x)) and torch.equal(enc.encode(x), enc(enc.normalize(x)))
+        assert enc.preprocess(torch.rand(2, 3, 48, 48)).shape == (2, 3, 64, 64)          # preprocess resizes ...
+        with pytest.raises(ValueError, match=r"normalize expects a \(B, 3, 64, 64\) batch.*got \(2, 3, 48, 48\)"):
+            enc.normalize(torch.rand(2, 3, 48, 48))                                   # ... normalize does not
+        with pytest.raises(TypeError, match="got dtype torch.uint8"):
+            enc.normalize(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+        with pytest.raises(ValueError, match="normalize expects"):
+            enc.normalize(x[0])                                                         # one image is not a batch
+    half = ToyViT(EncoderConfig(hidden_size=32, num_layers=1, num_heads=2)).to(torch.bfloat16)
+    assert torch.equal(half.normalize(x), ((x - 0.5) / 0.5).to(torch.bfloat16))           # fp32 arithmetic, then the cast
+
+
+def test_normalize_reads_no_pixel_value_and_encode_checks_once(monkeypatch):
+    "The trusted path runs no images_to_tensor (a host-syncing range check); encode runs it once."
+    enc = ToyViT(EncoderConfig(hidden_size=32, num_layers=1, num_heads=2)).eval()
+    x = torch.rand(2, 3, 64, 64)
+    calls, real = [], encoders_module.images_to_tensor
+    monkeypatch.setattr(encoders_module, "images_to_tensor", lambda *a, **k: calls.append(1) or real(*a, **k))
+    enc(enc.normalize(x))
+    assert calls == []
+    enc.encode(x)
+    assert calls == [1]
+    bad = torch.full((1, 3, 64, 64), 7.0)                      # out of range: normalize trusts, preprocess checks
+    assert enc.normalize(bad).shape == (1, 3, 64, 64)
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        enc.preprocess(bad)

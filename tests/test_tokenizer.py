@@ -1,6 +1,8 @@
 """The vision tokenizers (nbs/04_tokenizer.ipynb): the semantic tokenizer's contract (encode -> (B, N),
-decode_features -> (B, N, C)), the pixel baseline, save/load and mismatch errors, exact resume of
-`train_tokenizer`, the full preset on the meta device, and clear errors on bad input."""
+decode_features -> (B, N, C)), one check and one normalisation on the way to the codes, the registry, save/load and
+mismatch errors, exact resume of `train_tokenizer`, the cache, the full preset on the meta device, and clear errors on
+bad input. The tests of the shared contract run on every registered kind, the pixel baseline of
+nbs/04a_reconstruction.ipynb included; its own tests are tests/test_reconstruction.py's."""
 import json
 
 import numpy as np
@@ -9,10 +11,12 @@ import torch
 import transformers
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
+import illume_ref.tokenizer as tokenizer_module
 from illume_ref.config import EncoderConfig, QuantizerConfig, TokenizerConfig, get_config
 from illume_ref.encoders import ToyViT, VisionTower
-from illume_ref.tokenizer import (FeatureDecoder, ReconstructionTokenizer, SemanticVisionTokenizer, code_probe,
-                                  evaluate_tokenizer, load_tokenizer, train_tokenizer)
+from illume_ref.reconstruction import ReconstructionTokenizer      # registers kind='reconstruction' for the shared tests
+from illume_ref.tokenizer import (FeatureDecoder, SemanticVisionTokenizer, code_probe, evaluate_tokenizer, load_tokenizer,
+                                  tokenizer_class, toy_tokenizer_dir, train_tokenizer)
 from illume_ref.toyworld import COLORS, PALETTE, render, render_batch, sample_scene, sample_scenes, scene_split
 
 transformers.logging.set_verbosity_error()
@@ -75,23 +79,6 @@ def test_semantic_loss_is_the_documented_sum(encoder, images):
     assert not tok.encoder.training
 
 
-def test_reconstruction_contract(images):
-    tok = pixel()
-    idx = tok.encode(images)
-    assert idx.shape == (4, 64)
-    with torch.no_grad():
-        x = tok.decode(idx)
-        assert x.shape == (4, 3, 64, 64) and 0 <= x.min() and x.max() <= 1
-        assert tok.decode_features(idx).shape == (4, 64, 32)
-        out = tok(images)
-    assert torch.equal(out['indices'], idx) and torch.allclose(out['recon'], x)
-    # other grids: 32 px -> 4x4 tokens; 224 px -> 16x16 (factor 14 = patchify 7 + one stride-2 stage)
-    small = ReconstructionTokenizer(32, QuantizerConfig(num_codes=8, kmeans_init=False), TokenizerConfig(tokens_per_image=16), channels=(8,))
-    assert small.encode(torch.rand(2, 3, 32, 32)).shape == (2, 16)
-    with pytest.raises(ValueError, match="cannot be cut into a 7x7 token grid"):
-        ReconstructionTokenizer(64, tokenizer_config=TokenizerConfig(tokens_per_image=49))
-
-
 def test_feature_decoder_uses_positions():
     torch.manual_seed(0)
     dec = FeatureDecoder(8, 16, num_tokens=4, hidden=16, num_layers=1, num_heads=2)
@@ -125,9 +112,6 @@ def test_load_errors(encoder, tmp_path):
     encoder.save_pretrained(tmp_path / "enc")
     with pytest.raises(ValueError, match="holds a ToyViT model, not a tokenizer"):
         load_tokenizer(tmp_path / "enc")
-    pixel().save_pretrained(tmp_path / "rec")
-    with pytest.raises(ValueError, match="holds a ReconstructionTokenizer checkpoint, not a SemanticVisionTokenizer"):
-        SemanticVisionTokenizer.from_pretrained(tmp_path / "rec")
     semantic(encoder).save_pretrained(tmp_path / "sem")
     other = ToyViT(EncoderConfig(hidden_size=16, num_layers=1, num_heads=2))
     with pytest.raises(ValueError, match=r"encoder gives \(64 tokens, 16 dims\).*\(64, 32\)"):
@@ -187,7 +171,6 @@ def test_tokenizer_owns_a_frozen_copy_of_its_encoder(images):
 
 
 def test_training_sees_only_train_scenes_and_is_scored_on_test_scenes(encoder, tmp_path, monkeypatch):
-    import illume_ref.tokenizer as tokenizer_module
     drawn = []
 
     def recording(rng, n, world=None, split=None, **kw):                 # the real sampler, its draws recorded
@@ -235,13 +218,10 @@ def test_full_preset_on_meta():
         tower = CLIPVisionModel(CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                                                  num_attention_heads=16, image_size=224, patch_size=14))
         tok = SemanticVisionTokenizer.from_config(full, VisionTower(tower, select_layer=-1, image_size=224))
-        rec = ReconstructionTokenizer.from_config(full, channels=(128, 256))
     assert (tok.num_codes, tok.tokens_per_image, tok.grid, tok.feature_dim) == (16384, 256, 16, 1024)
     assert tok.quantizer.codebook.shape == (16384, 8) and tok.quantizer.codebook.device.type == "meta"
     idx = torch.zeros(2, 256, dtype=torch.long, device="meta")
     assert tok.decode_features(idx).shape == (2, 256, 1024)
-    assert rec.quantizer.codebook.shape == (16384, 8) and rec.decode(idx).shape == (2, 3, 224, 224)
-    assert rec.decode_features(idx).shape == (2, 256, 1024)
     n = lambda m: sum(p.numel() for p in m.parameters())
     assert n(tok.quantizer) == 16384 * 8 + (1024 * 8 + 8) + (8 * 1024 + 1024)
     block = 2 * 2 * 1024 + (1024 * 3072 + 3072) + (1024 * 1024 + 1024) + (1024 * 4096 + 4096) + (4096 * 1024 + 1024)
@@ -251,19 +231,23 @@ def test_full_preset_on_meta():
 
 
 def test_bad_input(encoder, images):
-    tok, rec = semantic(encoder), pixel()
+    tok = semantic(encoder)
     with pytest.raises(ValueError, match=r"code indices must lie in \[0, 64\) \(num_codes=64\); got min 0, max 64"):
         tok.decode_features(torch.cat([torch.zeros(1, 63, dtype=torch.long), torch.tensor([[64]])], 1))
     with pytest.raises(ValueError, match="got min -3"):
-        rec.decode(torch.full((1, 64), -3))
+        tok.decode_features(torch.full((1, 64), -3))
     with pytest.raises(ValueError, match=r"expected code indices of shape \(B, 64\).*got shape \(2, 10\)"):
         tok.decode_features(torch.zeros(2, 10, dtype=torch.long))
     with pytest.raises(TypeError, match="expected integer code indices"):
-        rec.decode_features(torch.zeros(1, 64))
+        tok.decode_features(torch.zeros(1, 64))
     with pytest.raises(ValueError, match=r"expects 64x64 px images.*got 32x32 px"):
         tok.encode(torch.rand(1, 3, 32, 32))
     with pytest.raises(ValueError, match="got 48x48 px"):
-        rec.encode([render(sample_scene(0), size=48)])
+        tok.encode([render(sample_scene(0), size=48)])
+    with pytest.raises(ValueError, match=r"expects 64x64 px images.*got 48x48 px"):
+        tok.encode_pixels(torch.rand(2, 3, 48, 48))
+    with pytest.raises(TypeError, match="expects float pixels"):
+        tok.encode_pixels(torch.zeros(2, 3, 64, 64, dtype=torch.uint8))
     with pytest.raises(ValueError, match="expected 3 colour channels.*got 1"):
         tok.encode(torch.rand(1, 1, 64, 64))
     with pytest.raises(ValueError, match="NaN"):
@@ -318,7 +302,7 @@ def test_hf_tower_normalisation_is_saved_with_the_tokenizer(tmp_path, images):
 def test_tokenizer_cache_counts_a_run_done_only_with_its_history(tmp_path):
     "save_pretrained writes model.safetensors before train_tokenizer writes history.json: without it, the run is finished again."
     from safetensors.torch import load_file, save_file
-    from illume_ref.tokenizer import pretrained_toy_tokenizer, toy_tokenizer_dir
+    from illume_ref.tokenizer import pretrained_toy_tokenizer
     cfg = get_config("toy").override(TINY)
     a = pretrained_toy_tokenizer(cfg, "reconstruction", steps=2, cache=tmp_path, progress=False)
     folder = toy_tokenizer_dir(cfg, "reconstruction", 2, tmp_path)
@@ -368,7 +352,7 @@ def test_a_saved_folder_runs_no_code(tmp_path, images):
 def test_tokenizer_cache_verifies_a_finished_run_before_trusting_it(tmp_path):
     "A cached run with its history.json but truncated weights is moved aside (kept) and trained again."
     import warnings
-    from illume_ref.tokenizer import pretrained_toy_tokenizer, toy_tokenizer_dir
+    from illume_ref.tokenizer import pretrained_toy_tokenizer
     cfg = get_config("toy").override(TINY)
     a = pretrained_toy_tokenizer(cfg, "reconstruction", steps=2, cache=tmp_path, progress=False)
     folder = toy_tokenizer_dir(cfg, "reconstruction", 2, tmp_path)
@@ -380,3 +364,56 @@ def test_tokenizer_cache_verifies_a_finished_run_before_trusting_it(tmp_path):
     assert any("does not load" in str(w.message) and "model.safetensors" in str(w.message) for w in caught)
     assert (folder.with_name(folder.name + ".broken-1") / "model.safetensors").exists()
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())   # the same 2-step run again
+
+
+def test_encode_checks_once_and_normalises_once(encoder, images, tmp_path, monkeypatch):
+    """`encode` runs the one value check (`images_to_tensor`) once, `encode_pixels` (a collate's or a renderer's checked
+    batch) none; both give the codes, and the quantizer's input is the encoder's `normalize` -- numerically the old
+    inline `((x - mean) / std).to(device, dtype)`, here with CLIP's statistics, where the order of the steps shows."""
+    CLIPVisionModel(CLIPVisionConfig(image_size=64, patch_size=8, hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=2, num_attention_heads=4)).save_pretrained(tmp_path / "clip")
+    for enc in (encoder, VisionTower.from_pretrained(tmp_path / "clip").eval()):
+        tok = semantic(enc)
+        calls, real = [], tokenizer_module.images_to_tensor
+        monkeypatch.setattr(tokenizer_module, "images_to_tensor", lambda *a, **k: calls.append(1) or real(*a, **k))
+        codes = tok.encode(images)
+        assert calls == [1]
+        assert torch.equal(tok.encode_pixels(images), codes) and calls == [1]
+        monkeypatch.setattr(tokenizer_module, "images_to_tensor", real)
+        mean = torch.tensor(enc.image_mean).view(1, 3, 1, 1)
+        std = torch.tensor(enc.image_std).view(1, 3, 1, 1)
+        with torch.no_grad():
+            old = tok.encoder(((images - mean) / std).to(tok.encoder.device, tok.encoder.dtype)).float()
+            assert torch.equal(tok.quantizer_input(images), old)
+        assert torch.equal(codes, tok.quantizer.encode(old))
+        assert torch.equal(tok.encode_pixels(images, batch_size=3), codes)            # batching changes nothing
+
+
+def test_registry_and_the_floors():
+    "The registry names each kind; the lower module never imports the higher one (the baseline registers itself)."
+    import subprocess, sys
+    assert tokenizer_class("semantic") is SemanticVisionTokenizer
+    assert tokenizer_class("reconstruction") is ReconstructionTokenizer
+    with pytest.raises(ValueError, match="unknown tokenizer kind 'vqgan': expected one of 'semantic', 'reconstruction'"):
+        tokenizer_class("vqgan")
+    code = ("import sys, illume_ref.tokenizer as t\n"
+            "assert 'illume_ref.reconstruction' not in sys.modules, 'imported'\n"
+            "try: t.tokenizer_class('reconstruction')\n"
+            "except ValueError as e: print(e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "registered by importing illume_ref.reconstruction" in out.stdout
+
+
+def test_encoders_does_not_import_the_toy_pretraining():
+    import subprocess, sys
+    code = "import sys, illume_ref.encoders\nassert 'illume_ref.toy_encoder' not in sys.modules, 'imported'"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+
+
+def test_cache_folders_are_unchanged():
+    "The toy preset's tokenizers are cached under the same keys as before the split: runs trained earlier stay valid."
+    cfg = get_config("toy")
+    assert [toy_tokenizer_dir(cfg, k).name for k in ("semantic", "reconstruction")] == [
+        "tokenizer-semantic-c5b4ba5b6c", "tokenizer-reconstruction-82ad83d8b7"]
