@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 from dataclasses import dataclass, field, asdict
 from typing import Iterable
@@ -18,7 +19,7 @@ from .toyworld import (COLORS, SHAPES, Scene, ToyObject, as_rng, check_color, ch
 __all__ = ['SHAPE_SYNONYMS', 'COLOR_SYNONYMS', 'NUMBER_WORDS', 'RELATIONS', 'CAPTION_CATEGORIES', 'RELATION_WORDS', 'plural',
            'article', 'shape_word', 'color_word', 'cell_name', 'location_phrase', 'relation_holds', 'refer', 'mention',
            'caption_categories', 'make_caption', 'sample_caption', 'ObjectSpec', 'CaptionSpec', 'parse_caption',
-           'check_spec_details', 'check_spec']
+           'check_spec_details', 'check_spec', 'scene_for_caption']
 
 # %% ../nbs/01b_captions.ipynb #58b8ab05
 SHAPE_SYNONYMS = {'circle': ('circle', 'disc', 'disk'), 'square': ('square',), 'triangle': ('triangle',),
@@ -401,3 +402,26 @@ def check_spec_details(spec: CaptionSpec | str, found, grid_size: int = 3) -> li
 def check_spec(spec: CaptionSpec | str, found, grid_size: int = 3) -> bool:
     "The GenEval-style verdict: does what was `found` (detections, objects or a Scene) meet every requirement?"
     return all(r['passed'] for r in check_spec_details(spec, found, grid_size))
+
+# %% ../nbs/01b_captions.ipynb #ab7d679c
+def scene_for_caption(prompt: str, grid_size: int = 3, rng=None, tries: int = 300) -> Scene | None:
+    "A scene that satisfies `prompt` (random placements until `check_spec` agrees), or None."
+    rng = random.Random(rng) if not isinstance(rng, random.Random) else rng
+    try: spec = parse_caption(prompt, grid_size)
+    except ValueError: return None
+    cells = [(r, c) for r in range(grid_size) for c in range(grid_size)]
+    for _ in range(tries):
+        free, objs = list(cells), []
+        rng.shuffle(free)
+        try:
+            for o in spec.objects:
+                for _ in range(o.count):
+                    cell = (o.row, o.col) if o.row is not None else next(c for c in free)
+                    if cell not in free: raise StopIteration
+                    free.remove(cell)
+                    objs.append(ToyObject(o.shape or rng.choice(SHAPES), o.color or rng.choice(COLORS), *cell))
+        except StopIteration:
+            continue
+        scene = Scene(objs, grid_size)
+        if check_spec(spec, scene, grid_size): return scene
+    return None

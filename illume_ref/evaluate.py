@@ -15,26 +15,24 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
-import torch
 from PIL import Image
 
 from .captions import (CAPTION_CATEGORIES, COLOR_SYNONYMS, NUMBER_WORDS, SHAPE_SYNONYMS, cell_name, check_spec,
-                       make_caption, parse_caption)
+                                 make_caption, parse_caption, scene_for_caption)
 from .config import IllumeRefConfig, get_config
-from .encoders import images_to_tensor
+from .feature_distance import encoder_features, encoder_tokens, frechet_distance_features
 from .oracle import detect, detect_scene
 from .tasks import EDIT_TYPES, POPE_VARIANTS, VQA_TYPES, format_choices, task_examples
 from .tokenizer import pretrained_or_trained_encoder
-from .toyworld import BACKGROUND, COLORS, SHAPES, Scene, ToyObject, render, render_batch, sample_scene, to_rgb_array
+from .toyworld import BACKGROUND, COLORS, SHAPES, Scene, render, render_batch, sample_scene, to_rgb_array
 
 # %% auto #0
 __all__ = ['GENEVAL_CATEGORIES', 'SECTIONS', 'LETTERS', 'SAMPLING_SETTINGS', 'ModelLike', 'SectionSkipped', 'takes',
            'call_batched', 'call_answer', 'call_generate', 'call_edit', 'image_or_reason', 'ToySuite', 'toy_suite',
-           'image_key', 'question_options', 'blank_canvas', 'scene_for_caption', 'prompt_rngs', 'OracleModel',
-           'AlwaysYesModel', 'BlankModel', 'RandomModel', 'parse_yes_no', 'pope_label', 'pope_metrics', 'eval_pope',
-           'extract_choice', 'circular_variants', 'random_circular_accuracy', 'eval_mmbench', 'normalize_answer',
-           'eval_vqa', 'read_image', 'eval_geneval', 'frechet_distance', 'feature_stats', 'frechet_distance_features',
-           'encoder_tokens', 'encoder_features', 'eval_fid', 'eval_edit', 'metric', 'headline', 'without_records',
+           'image_key', 'question_options', 'blank_canvas', 'prompt_rngs', 'OracleModel', 'AlwaysYesModel',
+           'BlankModel', 'RandomModel', 'parse_yes_no', 'pope_label', 'pope_metrics', 'eval_pope', 'extract_choice',
+           'circular_variants', 'random_circular_accuracy', 'eval_mmbench', 'normalize_answer', 'eval_vqa',
+           'read_image', 'eval_geneval', 'eval_fid', 'eval_edit', 'metric', 'headline', 'without_records',
            'sampling_settings', 'evaluate_toy']
 
 # %% ../nbs/09_eval.ipynb #b705c039
@@ -212,29 +210,6 @@ def question_options(prompt: str) -> tuple[str, list[tuple[str, str]]]:
 def blank_canvas(size: int = 64) -> Image.Image:
     "An empty toy canvas (background colour only)."
     return Image.new('RGB', (size, size), BACKGROUND)
-
-
-def scene_for_caption(prompt: str, grid_size: int = 3, rng=None, tries: int = 300) -> Scene | None:
-    "A scene that satisfies `prompt` (random placements until `check_spec` agrees), or None."
-    rng = random.Random(rng) if not isinstance(rng, random.Random) else rng
-    try: spec = parse_caption(prompt, grid_size)
-    except ValueError: return None
-    cells = [(r, c) for r in range(grid_size) for c in range(grid_size)]
-    for _ in range(tries):
-        free, objs = list(cells), []
-        rng.shuffle(free)
-        try:
-            for o in spec.objects:
-                for _ in range(o.count):
-                    cell = (o.row, o.col) if o.row is not None else next(c for c in free)
-                    if cell not in free: raise StopIteration
-                    free.remove(cell)
-                    objs.append(ToyObject(o.shape or rng.choice(SHAPES), o.color or rng.choice(COLORS), *cell))
-        except StopIteration:
-            continue
-        scene = Scene(objs, grid_size)
-        if check_spec(spec, scene, grid_size): return scene
-    return None
 
 
 def prompt_rngs(seed: int, first_prompt: int, n: int) -> list[random.Random]:
@@ -475,53 +450,6 @@ def eval_geneval(model, suite: ToySuite, images_per_prompt: int = 4, seed: int =
     cats = {c: float(np.mean(per_cat[c])) for c in GENEVAL_CATEGORIES if per_cat[c]}
     return {'overall': float(np.mean(list(cats.values()))) if cats else 0.0, 'categories': cats,
             'n_prompts': len(items), 'n_images': len(records), 'skipped': dict(skipped), 'records': records}
-
-# %% ../nbs/09_eval.ipynb #5f589f91
-def _sqrt_psd(m: np.ndarray) -> np.ndarray:
-    w, v = np.linalg.eigh((m + m.T) / 2)
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    "Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2)."
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (len(mu1), len(mu1)):
-        raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
-    h = _sqrt_psd(s1)
-    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(h @ s2 @ h), 0, None)).sum()
-    return float(max(0.0, ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean))
-
-
-def feature_stats(features) -> tuple[np.ndarray, np.ndarray]:
-    "(mean, covariance) of `(n, d)` features."
-    f = np.asarray(features, np.float64)
-    if f.ndim != 2 or len(f) < 2: raise ValueError(f"need (n >= 2, d) features, got shape {f.shape}")
-    return f.mean(0), np.cov(f, rowvar=False)
-
-
-def frechet_distance_features(f1, f2) -> float:
-    "Fréchet distance between Gaussians fitted to two `(n, d)` feature sets."
-    return frechet_distance(*feature_stats(f1), *feature_stats(f2))
-
-
-def encoder_tokens(encoder, images, batch_size: int = 64) -> np.ndarray:
-    """Encoder token features `(B, N, C)` of `images`: PIL images of one size, or a `(B, 3, H, W)` batch in [0, 1]
-    (`toyworld.render_batch`). Both reach the encoder as pixel batches at their own size, `batch_size` at a time,
-    so its `preprocess` resizes generated and real images the same way."""
-    if not len(images): raise ValueError("encoder_tokens needs at least one image")
-    parts = []
-    for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size]
-        x = x if isinstance(x, torch.Tensor) else images_to_tensor(list(x))
-        parts.append(encoder.encode(x, batch_size=batch_size).float().cpu().numpy().astype(np.float64))
-    return np.concatenate(parts)
-
-
-def encoder_features(encoder, images, pooled: bool = True, batch_size: int = 64) -> np.ndarray:
-    "Encoder features of `images` (see `encoder_tokens`): `(B, C)` mean-pooled (`pooled`), else the flattened `(B, N*C)` tokens."
-    f = encoder_tokens(encoder, images, batch_size)
-    return f.mean(1) if pooled else f.reshape(len(f), -1)
 
 # %% ../nbs/09_eval.ipynb #9911f2b7
 def eval_fid(model, suite: ToySuite, encoder, seed: int = 0, batch_size: int = 32, **sampling) -> dict:

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from illume_ref.captions import (CAPTION_CATEGORIES, CaptionSpec, ObjectSpec, caption_categories, check_spec,
-                                 check_spec_details, make_caption, parse_caption, sample_caption)
+                                 check_spec_details, make_caption, parse_caption, sample_caption, scene_for_caption)
 from illume_ref.oracle import detect
 from illume_ref.toyworld import COLORS, Scene, ToyObject, render, sample_scene
 
@@ -68,3 +68,18 @@ def test_spec_roundtrip_and_bad_specs():
     with pytest.raises(ValueError, match='valid shapes'): parse_caption('two red hexagons')
     with pytest.raises(ValueError, match='no object'): parse_caption('a sunny day at the beach')
     with pytest.raises(ValueError, match='valid relations'): CaptionSpec([ObjectSpec(), ObjectSpec()], [(0, 'near', 1)])
+
+
+def test_scene_for_caption_makes_a_scene_the_caption_describes():
+    "The inverse of check_spec: for every category, a scene the judge accepts; None where no scene can exist."
+    for i in range(140):
+        cap = sample_caption(i, CAPTION_CATEGORIES[i % len(CAPTION_CATEGORIES)])['caption']
+        scene = scene_for_caption(cap, rng=i)
+        assert scene is not None and check_spec(cap, scene), cap
+        assert check_spec(cap, detect(render(scene)))                      # what it draws reads back the same
+    assert scene_for_caption('a photo of three squares', rng=4) == scene_for_caption('a photo of three squares', rng=random.Random(4))
+    placed = scene_for_caption('there are two objects: a red circle in the top left corner and a blue square at the center')
+    assert {(o.shape, o.color, o.row, o.col) for o in placed.objects} == {('circle', 'red', 0, 0), ('square', 'blue', 1, 1)}
+    assert scene_for_caption('a photo of ten squares') is None                 # 10 objects, 9 cells
+    assert len(scene_for_caption('a photo of ten squares', grid_size=4).objects) == 10
+    assert scene_for_caption('a sunny day') is None                            # parse_caption finds no object

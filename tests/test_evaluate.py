@@ -1,5 +1,6 @@
 """Known-answer tests of the toy suite (notebook 09): every scorer gives the right number where it is known, the one
-batched-call loop, seeds that do not depend on the batch size, the feature cache."""
+batched-call loop, seeds that do not depend on the batch size, the feature cache; the Fréchet distance and the
+encoder features it compares (notebook 03b, `feature_distance`)."""
 import dataclasses
 from collections import Counter
 
@@ -11,10 +12,11 @@ import illume_ref.evaluate as E
 from illume_ref.config import get_config
 from illume_ref.encoders import ToyViT
 from illume_ref.evaluate import (GENEVAL_CATEGORIES, AlwaysYesModel, BlankModel, ModelLike, OracleModel, RandomModel,
-                                 SectionSkipped, call_answer, call_edit, call_generate, circular_variants, encoder_tokens,
-                                 eval_edit, eval_fid, eval_geneval, eval_mmbench, eval_pope, eval_vqa, evaluate_toy,
-                                 extract_choice, frechet_distance, frechet_distance_features, image_or_reason,
-                                 normalize_answer, parse_yes_no, pope_metrics, random_circular_accuracy, toy_suite)
+                                 SectionSkipped, call_answer, call_edit, call_generate, circular_variants, eval_edit,
+                                 eval_fid, eval_geneval, eval_mmbench, eval_pope, eval_vqa, evaluate_toy, extract_choice,
+                                 image_or_reason, normalize_answer, parse_yes_no, pope_metrics, random_circular_accuracy,
+                                 toy_suite)
+from illume_ref.feature_distance import encoder_tokens, frechet_distance, frechet_distance_features
 from illume_ref.tasks import POPE_VARIANTS
 
 SMALL = {'eval.pope_per_split': 10, 'eval.mmbench_questions': 24, 'eval.vqa_questions': 24,
