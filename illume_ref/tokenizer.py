@@ -528,9 +528,9 @@ def code_probe_data(tokenizer: VisionTokenizer, num_images: int, seed: int = 0, 
 
 def code_probe(tokenizer: VisionTokenizer, num_train: int = 1000, num_test: int = 400, seed: int = 0, world=None,
                steps: int = 100) -> dict[str, float]:
-    """Linear-probe test accuracies from one-hot codes (see `code_probe_data`) for notebook 03's tasks:
+    """Linear-probe test accuracies from one-hot codes (see `code_probe_data`) for notebook 03a's tasks:
     `patch_shape`, `patch_color`, `object_shape`, `object_color`, `object_cell`, `count`. Fitted on `train` scenes,
-    scored on `test` scenes (seed `seed + 7919`), as `encoders.linear_probe` does, so the numbers compare."""
+    scored on `test` scenes (seed `seed + 7919`), as `toy_encoder.linear_probe` does, so the numbers compare."""
     train = probe_tasks(code_probe_data(tokenizer, num_train, seed, world, split='train'))
     test = probe_tasks(code_probe_data(tokenizer, num_test, seed + 7919, world, split='test'))
     return {name: fit_linear_probe(*train[name], *test[name], steps=steps) for name in train}
