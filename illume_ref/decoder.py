@@ -28,7 +28,7 @@ from .config import DecoderConfig, IllumeRefConfig, get_config
 from .core import atomic_dir, cached_run, get_device, load_json, save_json, seed_everything
 from .oracle import oracle_rates
 from .toyworld import render_batch, sample_scenes
-from .training import EMA, Trainer, step_rng
+from .training import EMA, Trainer, param_groups, step_rng
 
 # %% auto #0
 __all__ = ['PIXEL_PATCH_SIZE', 'SPATIAL_CHANNELS', 'SAMPLE_LOSS_CAP', 'ConditionProjector', 'unet_block_types', 'build_unet',
@@ -479,10 +479,8 @@ def train_decoder(cfg: IllumeRefConfig, tokenizer, out_dir: str | Path, resume: 
     decoder = DiffusionDecoder.from_config(dcfg, tokenizer.feature_dim, tokenizer.tokens_per_image).to(device)
     tokenizer = tokenizer.to(device).eval()
     models = {"unet": decoder.unet, "condition_projector": decoder.condition_projector}
-    params = [p for m in models.values() for p in m.parameters()]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": train.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=(0.9, 0.99))
+    optimizer = torch.optim.AdamW(param_groups(models, {name: train.lr for name in models}, train.weight_decay),
+                                  lr=train.lr, betas=(0.9, 0.99))
     emas = {k: EMA(m, dcfg.ema_decay, warmup=True) for k, m in models.items()} if dcfg.use_ema else None
     trainer = Trainer(models, optimizer, train, out_dir, emas=emas, resume=resume, device=device,
                       desc="diffusion decoder", progress=progress, keep_last=keep_last)

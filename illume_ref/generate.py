@@ -5,6 +5,7 @@
 # %% ../nbs/08_inference.ipynb #d30f8843
 from __future__ import annotations
 
+import importlib
 import math
 from pathlib import Path
 from typing import Callable, Sequence
@@ -485,6 +486,7 @@ class IllumeSystem:
         model, tokenizer = load_illume(path / 'mllm', device=device, dtype=dtype)
         vt = dec = None
         if 'vision_tokenizer' in meta['parts']:
+            importlib.import_module('illume_ref.reconstruction')   # registers the Fig. 6 pixel tokenizer with load_tokenizer
             vt = load_tokenizer(path / 'vision_tokenizer', device=device, trust_remote_code=trust_remote_code)
         if 'decoder' in meta['parts']:
             dec = _load_decoder(path / 'decoder')

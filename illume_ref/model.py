@@ -189,8 +189,8 @@ class IllumeForConditionalGeneration(PreTrainedModel):
 
     # inputs -------------------------------------------------------------------------------------------
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        "Views `(V, 3, S, S)` in [0, 1] (any S: resized to the encoder's) -> adapter outputs `(V, N, H)`."
-        pixels = self.vision_encoder.preprocess(images)
+        "Views `(V, 3, S, S)` in [0, 1] at the encoder's size (collate's views, already checked) -> adapter outputs `(V, N, H)`."
+        pixels = self.vision_encoder.normalize(images)
         return self.adapter(self.vision_encoder(pixels)).to(self.get_input_embeddings().weight.dtype)
 
     def check_input_ids(self, input_ids: torch.Tensor):

@@ -538,7 +538,7 @@ def _one_step(trainer: Trainer, step_fn: Callable[[int], dict], clip_params: lis
 
 def _log_entry(trainer: Trainer, logs: dict, tokens: float | None, seconds: float) -> dict:
     "One history entry: step, every group's LR, the logs averaged over processes, tokens per second."
-    acc, groups = trainer.accelerator, trainer.optimizer.param_groups
+    groups = trainer.optimizer.param_groups
     entry = {"step": trainer.step, "lr": groups[0]["lr"], **{f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(groups)}}
     # processes may log different keys (a per-task loss exists only where that task was in the batch): gather them
     # all, average each key over the processes that logged it, and sum the tokens
