@@ -83,7 +83,7 @@ def prompt_ids(model, tokenizer, turns: list[dict], template: str | None = None)
     """A dialogue ending in a user turn -> (ids `(L,)` up to and including `ASSISTANT:`, its understanding views or
     None). `template`: None is the model's (`model.template`)."""
     enc = tokenize_conversation(turns, tokenizer, model.visual_vocab, template or model.template, tokens_per_view=model.image_tokens,
-                                image_size=model.vision_encoder.image_size, add_generation_prompt=True)
+                                anyres=model.anyres, image_size=model.vision_encoder.image_size, add_generation_prompt=True)
     return enc['input_ids'], enc['views']
 
 

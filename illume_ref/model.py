@@ -68,14 +68,16 @@ class IllumeConfig(PretrainedConfig):
     def __init__(self, text_config: dict | None = None, encoder: dict | None = None, vision_config: dict | None = None,
                  image_mean: Sequence[float] | None = None, image_std: Sequence[float] | None = None,
                  adapter_hidden: int = 256, visual_vocab: dict | None = None, tokens_per_image: int = 64,
-                 context_length: int | None = None, conversation_template: str = DEFAULT_TEMPLATE, **kwargs):
+                 context_length: int | None = None, conversation_template: str = DEFAULT_TEMPLATE,
+                 anyres: dict | None = None, **kwargs):
         self.text_config = text_config.to_dict() if isinstance(text_config, PretrainedConfig) else text_config
         self.encoder = encoder.to_dict() if isinstance(encoder, EncoderConfig) else encoder
         self.vision_config = vision_config.to_dict() if isinstance(vision_config, PretrainedConfig) else vision_config
         self.image_mean, self.image_std = image_mean, image_std
         self.adapter_hidden = adapter_hidden
         self.visual_vocab = visual_vocab.to_dict() if isinstance(visual_vocab, VisualVocab) else visual_vocab
-        self.tokens_per_image = tokens_per_image     # codes per generated image (the vision tokenizer's N)
+        self.tokens_per_image = tokens_per_image
+        self.anyres = anyres      # stage 3's AnyRes views ({'base': 448, 'max_slices': 9}) for every image the model reads     # codes per generated image (the vision tokenizer's N)
         self.context_length = context_length         # the LLM's max_position_embeddings
         self.conversation_template = conversation_template   # LLMConfig.conversation_template: how its dialogues are laid out
         super().__init__(**kwargs)
@@ -155,6 +157,11 @@ class IllumeForConditionalGeneration(PreTrainedModel):
         "The conversation template the model reads and writes (`LLMConfig.conversation_template`)."
         return self.config.conversation_template
 
+    @property
+    def anyres(self) -> dict | None:
+        "The AnyRes setting images are read with (`{'base', 'max_slices'}`, set by a stage with `anyres`), or None: one view."
+        return getattr(self.config, 'anyres', None)
+
     def get_input_embeddings(self): return self.language_model.get_input_embeddings()
     def get_output_embeddings(self): return self.language_model.get_output_embeddings()
 
@@ -184,13 +191,14 @@ class IllumeForConditionalGeneration(PreTrainedModel):
     def collator(self, tokenizer, **kwargs):
         "A `conversation.collate` with this model's vocabulary, view size, tokens per view, context length and template."
         base = dict(vocab=self.visual_vocab, image_size=self.vision_encoder.image_size, tokens_per_view=self.image_tokens,
-                    max_length=self.max_length, template=self.template)
+                    max_length=self.max_length, template=self.template, anyres=self.anyres)
         return lambda examples, **kw: collate(examples, tokenizer, **{**base, **kwargs, **kw})
 
     # inputs -------------------------------------------------------------------------------------------
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        "Views `(V, 3, S, S)` in [0, 1] at the encoder's size (collate's views, already checked) -> adapter outputs `(V, N, H)`."
-        pixels = self.vision_encoder.normalize(images)
+        """Views `(V, 3, S, S)` in [0, 1] -> adapter outputs `(V, N, H)`. Views of another size than the encoder's
+        (AnyRes slices at `base_resolution`) are resized to it by `preprocess`."""
+        pixels = self.vision_encoder.preprocess(images)
         return self.adapter(self.vision_encoder(pixels)).to(self.get_input_embeddings().weight.dtype)
 
     def check_input_ids(self, input_ids: torch.Tensor):
