@@ -425,7 +425,7 @@ def _toy() -> IllumeRefConfig:
         llm=LLMConfig(kind="scratch", text_vocab_size=1024, hidden_size=256, intermediate_size=688, num_layers=4,
                       num_heads=4, num_kv_heads=4, max_position_embeddings=512, adapter_hidden=256),
         # toy stages keep the paper's ratios between groups, with CPU-sized batches and steps
-        # (sized so the three stages train in about 10 minutes on 2 CPU cores: notebook 11 measures it)
+        # (sized for minutes on 2 CPU cores; notebook 11 measures how many)
         stage1=StageConfig(name="stage1", lrs={"adapter": 1e-3, "visual_embed": 2e-3},
                            train=_stage_train(16, 250, 8), image_size=64, data={"caption": 1.0, "reconstruct": 1.0}),
         stage2=StageConfig(name="stage2", lrs={"adapter": 5e-4, "llm": 5e-4}, train=_stage_train(16, 750, 22),

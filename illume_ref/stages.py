@@ -12,14 +12,14 @@ import torch
 
 from .config import IllumeRefConfig, StageConfig
 from .core import load_json, save_json
-from .data import CodeCache, StageBatches
+from .data import CodeCache, StageBatches, anyres_setting
 from .training import Trainer, param_groups
 from .vocab import TextRowFreezer
 
 # %% auto #0
 __all__ = ['STAGE_TO_MODEL_GROUPS', 'STAGES', 'TABLE2_MIXTURES', 'stage_groups', 'stage_optimizer', 'describe_groups',
-           'process_rank', 'sum_across_processes', 'drawing_parts', 'train_stage', 'plot_stage', 'train_stages',
-           'fsdp_memory', 'dry_run', 'pretrained_toy_stages', 'joint_vs_specialists']
+           'activation_checkpointing', 'process_rank', 'sum_across_processes', 'drawing_parts', 'train_stage',
+           'plot_stage', 'train_stages', 'fsdp_memory', 'dry_run', 'pretrained_toy_stages', 'joint_vs_specialists']
 
 # %% ../nbs/11_stages.ipynb #4ee7c701
 STAGE_TO_MODEL_GROUPS = {'adapter': ('adapter',), 'vision_encoder': ('vision_encoder',), 'visual_embed': ('embed',),
@@ -59,6 +59,13 @@ def describe_groups(model, stage: StageConfig) -> list[dict]:
     return rows
 
 # %% ../nbs/11_stages.ipynb #1cf85a57
+def activation_checkpointing(language_model, on: bool):
+    """Recompute the LLM's activations in the backward pass (`StageConfig.gradient_checkpointing`), or stop: transformers
+    5.24 names the switch `activation_checkpointing_*`, earlier releases `gradient_checkpointing_*`."""
+    name = 'activation' if hasattr(language_model, 'activation_checkpointing_enable') else 'gradient'
+    getattr(language_model, f"{name}_checkpointing_{'enable' if on else 'disable'}")()
+
+
 def process_rank() -> tuple[int, int]:
     "(rank, world size) of this process under torch.distributed (accelerate or torchrun), (0, 1) without it."
     d = torch.distributed
@@ -124,10 +131,11 @@ def train_stage(cfg: IllumeRefConfig, stage: str, out_dir: str | Path, *, previo
     if vt.num_codes != model.visual_vocab.num_codes or vt.tokens_per_image != model.image_tokens:
         raise ValueError(f"the vision tokenizer ({vt.num_codes} codes x {vt.tokens_per_image} tokens) does not match the "
                          f"model ({model.visual_vocab.num_codes} codes x {model.image_tokens} tokens)")
+    model.config.anyres = anyres_setting(scfg)             # saved with the model: inference reads images the same way
     # 2. groups
     groups = describe_groups(model, scfg)
     opt, freezer = stage_optimizer(model, scfg)
-    if scfg.gradient_checkpointing: model.language_model.gradient_checkpointing_enable()
+    if scfg.gradient_checkpointing: activation_checkpointing(model.language_model, True)
     # 3. data
     data = StageBatches(scfg, model, text_tok, vt, world=cfg.world, sources=sources, code_cache=code_cache)
     trainer = Trainer({'mllm': model}, opt, scfg.train, out_dir, resume=resume, device=device, desc=stage,
@@ -152,7 +160,7 @@ def train_stage(cfg: IllumeRefConfig, stage: str, out_dir: str | Path, *, previo
     history = trainer.fit(step_fn)
     seconds = time.time() - start
     if freezer is not None: freezer.remove()
-    if scfg.gradient_checkpointing: model.language_model.gradient_checkpointing_disable()
+    if scfg.gradient_checkpointing: activation_checkpointing(model.language_model, False)
     # 6. save
     system = IllumeSystem(model.eval(), text_tok, vt, dec,
                           **({'cfg_scale': cfg.eval.cfg_scale} if cfg.eval.cfg_scale is not None else {}))

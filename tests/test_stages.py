@@ -143,3 +143,55 @@ def test_two_processes_give_the_loss_curve_of_one(tmp_path):
     assert len(one) == len(two) == 6
     assert all(abs(a - b) <= 1e-6 * abs(a) for a, b in zip(one, two)), (one, two)
     assert one[-1] < one[0]                                                   # and it learns
+
+
+def test_gradient_checkpointing_is_a_switch_that_changes_no_number(tiny):
+    cfg, vt, root = tiny
+    on = cfg.override(["stage1.gradient_checkpointing=true"])
+    _, a = train_stage(cfg, "stage1", root / "ckpt-off", tokenizer=vt, progress=False)
+    s, b = train_stage(on, "stage1", root / "ckpt-on", tokenizer=vt, progress=False)
+    assert [h["loss"] for h in a["history"]] == pytest.approx([h["loss"] for h in b["history"]], rel=1e-5)
+    lm = s.model.language_model
+    assert not getattr(lm, "is_activation_checkpointing", None) and not lm.model.gradient_checkpointing   # off again
+
+
+def test_a_tokenizer_of_another_codebook_is_refused_by_name(tiny):
+    cfg, _, root = tiny
+    other = SemanticVisionTokenizer.from_config(cfg.override(["quantizer.num_codes=32"]))
+    with pytest.raises(ValueError, match=r"32 codes x 64 tokens\) does not match the model \(64 codes"):
+        train_stage(cfg, "stage1", root / "mismatch", tokenizer=other, progress=False)
+
+
+def test_anyres_reaches_the_saved_model_and_inference(tiny):
+    from PIL import Image
+    from illume_ref.generate import prompt_ids
+    cfg, vt, root = tiny
+    if not (root / "chain" / "stage2" / "system.json").exists(): train_stages(cfg, root / "chain", tokenizer=vt, progress=False)
+    any3 = cfg.override(["stage3.anyres=true", "stage3.base_resolution=64", "stage3.max_slices=2"])
+    system, _ = train_stage(any3, "stage3", root / "anyres", previous=root / "chain" / "stage2", tokenizer=vt, progress=False)
+    loaded = IllumeSystem.from_pretrained(root / "anyres")
+    assert loaded.model.anyres == {"base": 64, "max_slices": 2}
+    wide = Image.new("RGB", (128, 64), (245, 245, 245))
+    _, views = prompt_ids(loaded.model, loaded.tokenizer, [{"role": "user", "content": [{"image": wide}, "What is here?"]}])
+    assert views.shape[0] == 3                                                # the global view and two slices
+    assert IllumeSystem.from_pretrained(root / "chain" / "stage2").model.anyres is None
+
+
+def test_cli_trains_a_stage_into_a_folder_the_model_commands_read(tiny, cli, tmp_path):
+    cfg, vt, _ = tiny
+    vt.save_pretrained(tmp_path / "tok")
+    sets = [a for s in TINY + SHORT for a in ("--set", s)]
+    code, out, err = cli("train", "stage1", *sets, "--tokenizer", tmp_path / "tok", "--out", tmp_path / "s1")
+    assert code == 0, err
+    assert json.loads(out)["stage1"]["steps"] == 3
+    code, out, err = cli("chat", "--model", tmp_path / "s1", "--prompt", "Describe a scene.", "--max-new-tokens", "4")
+    assert code == 0, err
+
+
+def test_resuming_a_stage_with_another_model_is_refused_by_name(tiny):
+    cfg, vt, root = tiny
+    train_stage(cfg.override(["stage1.train.steps=2", "stage1.train.save_every=1"]), "stage1", root / "other",
+                tokenizer=vt, progress=False)
+    wider = cfg.override(["llm.adapter_hidden=32"])
+    with pytest.raises(ValueError, match=r"mllm.safetensors' does not match model 'mllm': shape of 'adapter\."):
+        train_stage(wider, "stage1", root / "other", tokenizer=vt, resume=True, progress=False)
