@@ -1,46 +1,14 @@
 """The report (notebook 09b): `evaluate` writes metrics.json, report.md and the plots, the paper's numbers beside ours."""
 import json
-import random
 
 import pytest
-import torch
 
-from illume_ref.config import get_config
-from illume_ref.encoders import ToyViT
-from illume_ref.evaluate import AlwaysYesModel, OracleModel, RandomModel, evaluate_toy, toy_suite
+from illume_ref.evaluate import AlwaysYesModel, OracleModel, RandomModel, evaluate_toy
 from illume_ref.report import PAPER_RESULTS, evaluate, report_markdown
-from illume_ref.tasks import POPE_VARIANTS
-from illume_ref.toyworld import render, sample_scene
 
-SMALL = {'eval.pope_per_split': 10, 'eval.mmbench_questions': 24, 'eval.vqa_questions': 24,
-         'eval.geneval_prompts_per_category': 3, 'eval.geneval_images_per_prompt': 2, 'eval.fid_samples': 24,
-         'eval.edit_samples': 12}
-
-
-@pytest.fixture(scope='module')
-def cfg(): return get_config('toy', SMALL)
-
-
-@pytest.fixture(scope='module')
-def suite(cfg): return toy_suite(cfg)
-
-
-@pytest.fixture(scope='module')
-def encoder(cfg):
-    torch.manual_seed(0)
-    return ToyViT(cfg.encoder).eval()
-
-
-def _pope_files(tmp_path, n=6, missing=(3,)):
-    (tmp_path / 'img').mkdir()
-    rng = random.Random(0)
-    with open(tmp_path / 'q.jsonl', 'w') as fh:
-        for i in range(n):
-            sc = sample_scene(rng)
-            if i not in missing: render(sc).save(tmp_path / 'img' / f'COCO_{i}.jpg')
-            fh.write(json.dumps({'question_id': i, 'image': f'COCO_{i}.jpg', 'text': 'Is there a red circle in the image?',
-                                 'label': ['yes', 'no'][i % 2], 'category': POPE_VARIANTS[i % 3]}) + '\n')
-    return tmp_path / 'q.jsonl', tmp_path / 'img'
+# the toy-suite fixtures of test_evaluate and the POPE files of test_benchmarks, shared rather than copied
+from test_benchmarks import _pope_files
+from test_evaluate import cfg, encoder, suite  # noqa: F401  (pytest fixtures)
 
 
 def test_evaluate_writes_metrics_report_and_plots(tmp_path, cfg, suite, encoder):
