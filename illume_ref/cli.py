@@ -226,7 +226,7 @@ def cmd_train(args) -> int:
             from illume_ref.toy_encoder import pretrain_toy_encoder
             _, history = pretrain_toy_encoder(cfg.encoder, steps=args.steps or 200, seed=cfg.seed, out_dir=out,
                                               world=cfg.world, device=args.device)
-            result = {"steps": args.steps or 200, "seconds": history.get("seconds")}
+            result = {"steps": history["steps"], "seconds": round(history["seconds"], 1)}
         elif args.target == "tokenizer":
             from illume_ref.tokenizer import train_tokenizer
             _, history = train_tokenizer(cfg, out, kind=args.kind or "semantic", resume=args.resume, device=args.device, **kw)

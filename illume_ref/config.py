@@ -129,11 +129,12 @@ class QuantizerConfig(ConfigBase):
     kmeans_init: bool = True
     kmeans_iters: int = 10
     dead_code_threshold: float = 0.0     # restart codes used less than this (0 disables)
+    dead_code_grace: int = 50            # steps a restarted code may win nothing before it can count as dead again
     chunk_size: int = 4096
 
     def validate(self):
         self._require(self.num_codes >= 2, "num_codes", f"need at least 2 codes, got {self.num_codes}")
-        self._positive("code_dim", "kmeans_iters", "chunk_size"); self._non_negative("beta", "dead_code_threshold")
+        self._positive("code_dim", "kmeans_iters", "chunk_size"); self._non_negative("beta", "dead_code_threshold", "dead_code_grace")
         self._fraction("ema_decay", low_open=True)
 
 

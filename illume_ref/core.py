@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib
 import importlib.util
@@ -13,20 +14,26 @@ import json
 import os
 import random
 import shutil
+import statistics
 import tempfile
+import textwrap
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 
 # %% auto #0
 __all__ = ['DEVICE_ORDER', 'DEVICE_PROBES', 'MIN_IMAGE_SIDE', 'in_test', 'work_size', 'available_devices', 'select_device',
            'get_device', 'seed_everything', 'default_dtype', 'resolve_dtype', 'autocast', 'new_run_dir', 'atomic_write',
            'atomic_dir', 'save_json', 'load_json', 'save_safetensors', 'load_safetensors', 'cache_dir', 'cache_key',
-           'fingerprint', 'cached_run_dir', 'cached_run', 'to_rgb8', 'open_image', 'pad_to_square', 'image_grid',
-           'show_images']
+           'fingerprint', 'cached_run_dir', 'cached_run', 'Timing', 'synchronize', 'timed', 'to_rgb8', 'open_image',
+           'pad_to_square', 'image_grid', 'show_images']
 
 # %% ../nbs/00_core.ipynb #a3f9aeca
 def in_test() -> bool:
@@ -247,7 +254,6 @@ def load_json(path: str | Path) -> Any:
 # %% ../nbs/00_core.ipynb #59b842b6
 def save_safetensors(tensors: dict, path: str | Path, metadata: dict | None = None) -> Path:
     "Write `{name: tensor}` to a safetensors file atomically (contiguous CPU copies), readable like any new file."
-    from safetensors.torch import save
     data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
     with atomic_write(path, "wb") as f: f.write(data)
     return Path(path)
@@ -255,8 +261,6 @@ def save_safetensors(tensors: dict, path: str | Path, metadata: dict | None = No
 
 def load_safetensors(path: str | Path, device: str = "cpu") -> dict:
     "`{name: tensor}` from a safetensors file, or an error naming the file when it is missing, truncated or not safetensors."
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"no such weights file: '{path}'")
     try:
@@ -309,6 +313,40 @@ def cached_run(name: str, key: Any, build: Callable[[Path], Any], load: Callable
         raise RuntimeError(f"building the cached run '{folder}' finished without writing its {marker}")
     return load(folder)
 
+# %% ../nbs/00_core.ipynb #02b89641
+@dataclasses.dataclass
+class Timing:
+    "What `timed` measured: the median, best and mean seconds of the timed calls, each call's seconds, peak bytes."
+    median: float
+    best: float
+    mean: float
+    times: list
+    peak_bytes: int | None      # accelerator memory above the start (None on the CPU)
+    result: Any                 # what the last call returned
+
+
+def synchronize(device) -> None:
+    "Wait for the work queued on `device` (CUDA or NPU; nothing to wait for on the CPU)."
+    kind = torch.device(device).type
+    if kind == "cuda": torch.cuda.synchronize(device)
+    elif kind == "npu": torch.npu.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], repeats: int = 3, device="cpu", warmup: int = 1) -> Timing:
+    "Time `fn()`: `warmup` untimed calls, then `repeats` timed ones, each ended by `synchronize(device)`."
+    if repeats < 1 or warmup < 0: raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        synchronize(device); torch.cuda.reset_peak_memory_stats(device); base = torch.cuda.memory_allocated(device)
+    result = None
+    for _ in range(warmup): result = fn(); synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter(); result = fn(); synchronize(device); times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) - base if cuda else None
+    return Timing(statistics.median(times), min(times), sum(times) / len(times), times, peak, result)
+
 # %% ../nbs/00_core.ipynb #5cc5c3f4
 MIN_IMAGE_SIDE = 8   # pixels: smaller files hold no picture a model could read
 
@@ -316,7 +354,6 @@ MIN_IMAGE_SIDE = 8   # pixels: smaller files hold no picture a model could read
 def to_rgb8(im, background=(255, 255, 255)):
     """A PIL image of any mode -> 8-bit RGB: high-bit-depth greyscale (`I;16*`, `I`, `F`) scaled by its
     range, alpha (`RGBA`, `LA`, `PA`, `P` with transparency) composited over `background`."""
-    from PIL import Image
     if im.mode.startswith('I;16') or im.mode in ('I', 'F'):
         a = np.asarray(im, dtype=np.float64)
         top = 1.0 if im.mode == 'F' and a.max() <= 1 else 65535.0 if a.max() <= 65535 else float(a.max())
@@ -329,7 +366,6 @@ def to_rgb8(im, background=(255, 255, 255)):
 
 def open_image(path: str | Path, background=(255, 255, 255), min_side: int = MIN_IMAGE_SIDE):
     "An 8-bit RGB PIL image from the file `path` (see `to_rgb8`), or an error naming the file and the problem."
-    from PIL import Image, UnidentifiedImageError
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"no such image file: '{path}'")
     try:
@@ -344,7 +380,6 @@ def open_image(path: str | Path, background=(255, 255, 255), min_side: int = MIN
 def pad_to_square(im):
     """A non-square PIL image centred on a square canvas filled with the median colour of its border (the
     background of a scene); square images come back as they are."""
-    from PIL import Image
     w, h = im.size
     if w == h: return im
     a = np.asarray(im.convert('RGB'))
@@ -356,7 +391,6 @@ def pad_to_square(im):
 # %% ../nbs/00_core.ipynb #bd5c1d1d
 def image_grid(images: Iterable, ncols: int | None = None, pad: int = 2, bg=(255, 255, 255)):
     "Paste equally sized PIL images into one grid image (row-major)."
-    from PIL import Image
     images = list(images)
     if not images: raise ValueError("image_grid needs at least one image")
     w, h = images[0].size
@@ -372,7 +406,6 @@ def image_grid(images: Iterable, ncols: int | None = None, pad: int = 2, bg=(255
 
 def show_images(images, titles=None, ncols: int = 8, size: float = 1.6, fontsize: int = 7, title_lines: int = 3):
     "Show PIL images in a matplotlib grid with optional titles (wrapped to the image width); returns the figure."
-    import textwrap
     import matplotlib.pyplot as plt
     images = list(images)
     nrows = (len(images) + ncols - 1) // ncols

@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from safetensors import safe_open
 
 from .captions import sample_caption
 from .config import StageConfig, ToyWorldConfig
 from .conversation import collate, example_to_turns
 from .core import fingerprint, load_safetensors, open_image, save_safetensors
 from .encoders import images_to_tensor
-from .tasks import (POPE_VARIANTS, _in_split, edit_types, make_edit, mc_question, pope_question, read_folder,
+from .tasks import (POPE_VARIANTS, in_split, edit_types, make_edit, mc_question, pope_question, read_folder,
                               read_text, vqa_question)
 from .toyworld import BACKGROUND, render, sample_scene, world_params
 from .training import step_rng
@@ -62,7 +63,7 @@ TEXT_PROMPT = "Write a short description of a scene."   # stage 2's text-only ta
 def toy_example(task: str, rng: random.Random, world: ToyWorldConfig | None = None) -> dict:
     """One example of `task` from the toy world's train split. `image` is the scene the model reads, `target` the
     scene it writes (both `Scene`s: rendered when a batch is built); the texts use `example_to_turns`'s keys."""
-    train = lambda make, scenes: _in_split(make, scenes, 'train')
+    train = lambda make, scenes: in_split(make, scenes, 'train')
     if task in ('caption', 'generate', 'text'):
         ex = train(lambda: sample_caption(rng, world=world), lambda e: [e['scene']])
         if task == 'caption': return {'task': task, 'image': ex['scene'], 'caption': ex['caption']}
@@ -121,7 +122,6 @@ class CodeCache:
         return self.path
 
     def load(self):
-        from safetensors import safe_open
         with safe_open(str(self.path), 'pt') as f: meta = f.metadata() or {}
         if meta.get('fingerprint') != self.fingerprint:
             raise ValueError(f"'{self.path}' holds codes of tokenizer {meta.get('fingerprint')}, not {self.fingerprint}")

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 import time
 import warnings
@@ -25,7 +24,8 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .config import DecoderConfig, IllumeRefConfig, get_config
-from .core import atomic_dir, cached_run, get_device, load_json, save_json, seed_everything
+from .core import (atomic_dir, cached_run, fingerprint, get_device, load_json, save_json, seed_everything,
+                             timed)
 from .oracle import oracle_rates
 from .toyworld import render_batch, sample_scenes
 from .training import EMA, Trainer, param_groups, step_rng
@@ -34,8 +34,8 @@ from .training import EMA, Trainer, param_groups, step_rng
 __all__ = ['PIXEL_PATCH_SIZE', 'SPATIAL_CHANNELS', 'SAMPLE_LOSS_CAP', 'ConditionProjector', 'unet_block_types', 'build_unet',
            'adapt_cross_attention', 'add_input_channels', 'build_vae', 'noise_schedule', 'sampling_scheduler',
            'resolve_decoder_config', 'check_images', 'images_to_sample', 'sample_to_images', 'DiffusionDecoder',
-           'IllumeDecoderPipeline', 'seen_in_training', 'render_encode_decode', 'evaluate_decoder', 'train_decoder',
-           'pretrained_toy_decoder', 'bench_decoder', 'format_bench_decoder']
+           'IllumeDecoderPipeline', 'seen_in_training', 'render_encode_decode', 'evaluate_decoder',
+           'TrainedDecoderParts', 'train_decoder', 'pretrained_toy_decoder', 'bench_decoder', 'format_bench_decoder']
 
 # %% ../nbs/05_decoder.ipynb #a3fef292
 class ConditionProjector(ModelMixin, ConfigMixin):
@@ -458,6 +458,19 @@ def evaluate_decoder(pipe: IllumeDecoderPipeline, tokenizer, num_images: int = 2
     return {**rates, "split": split, "num_inference_steps": steps, "guidance_scale": scale, "seconds": time.time() - start}
 
 # %% ../nbs/05_decoder.ipynb #5da0e206
+class TrainedDecoderParts(nn.Module):
+    """The trained modules of a `DiffusionDecoder` (its UNet and condition projector) as one `nn.Module` whose
+    `forward(images, features)` is the decoder's `loss`: one DDP / FSDP2 wrapper covers both modules, and the
+    checkpoints and EMA hold them without the frozen VAE."""
+    def __init__(self, decoder: DiffusionDecoder):
+        super().__init__()
+        self.unet, self.condition_projector = decoder.unet, decoder.condition_projector
+        self._decoder = (decoder,)                                # not a submodule: the VAE stays out of the state
+
+    def forward(self, images: torch.Tensor, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self._decoder[0].loss(images, features)
+
+
 def train_decoder(cfg: IllumeRefConfig, tokenizer, out_dir: str | Path, resume: bool = False, steps: int | None = None,
                   progress: bool = True, device=None, stop_at: int | None = None, eval_images: int = 200,
                   spatial_channels: int | None = None, prediction_type: str | None = None,
@@ -478,20 +491,21 @@ def train_decoder(cfg: IllumeRefConfig, tokenizer, out_dir: str | Path, resume: 
     seed_everything(train.seed)                                   # initial weights depend on the seed alone
     decoder = DiffusionDecoder.from_config(dcfg, tokenizer.feature_dim, tokenizer.tokens_per_image).to(device)
     tokenizer = tokenizer.to(device).eval()
-    models = {"unet": decoder.unet, "condition_projector": decoder.condition_projector}
-    optimizer = torch.optim.AdamW(param_groups(models, {name: train.lr for name in models}, train.weight_decay),
+    parts = TrainedDecoderParts(decoder)
+    groups = {"unet": decoder.unet, "condition_projector": decoder.condition_projector}
+    optimizer = torch.optim.AdamW(param_groups(groups, {name: train.lr for name in groups}, train.weight_decay),
                                   lr=train.lr, betas=(0.9, 0.99))
-    emas = {k: EMA(m, dcfg.ema_decay, warmup=True) for k, m in models.items()} if dcfg.use_ema else None
-    trainer = Trainer(models, optimizer, train, out_dir, emas=emas, resume=resume, device=device,
+    emas = {"decoder": EMA(parts, dcfg.ema_decay, warmup=True)} if dcfg.use_ema else None
+    trainer = Trainer({"decoder": parts}, optimizer, train, out_dir, emas=emas, resume=resume, device=device,
                       desc="diffusion decoder", progress=progress, keep_last=keep_last)
-    antialias = bool(cfg.world.antialias)
+    model, antialias = trainer.models["decoder"], bool(cfg.world.antialias)      # the wrapped module under DDP / FSDP2
 
     def step_fn(step: int) -> dict:
         scenes = sample_scenes(trainer.rng(step), train.batch_size, cfg.world, split="train")
         target = render_batch(scenes, dcfg.image_size, antialias)
         seen = target if tokenizer.image_size == dcfg.image_size else render_batch(scenes, tokenizer.image_size, antialias)
         with torch.no_grad(): features = tokenizer.decode_features(tokenizer.encode(seen))
-        return decoder.loss(target.to(device), features)
+        return model(target.to(device), features)
 
     start = time.time()
     trainer.fit(step_fn, stop_at=stop_at)
@@ -499,22 +513,16 @@ def train_decoder(cfg: IllumeRefConfig, tokenizer, out_dir: str | Path, resume: 
     decoder.eval()
     if emas:                                                      # sample with the averaged weights
         decoder = copy.deepcopy(decoder)
-        for name, ema in emas.items(): ema.copy_to(getattr(decoder, name))
+        emas["decoder"].copy_to(TrainedDecoderParts(decoder))
     pipe = decoder.pipeline()
     pipe.set_progress_bar_config(disable=True)
     if trainer.step < train.steps: return pipe, history          # interrupted on purpose
     if eval_images: history["eval"] = evaluate_decoder(pipe, tokenizer, eval_images, world=cfg.world, split=eval_split)
-    with atomic_dir(Path(out_dir) / "pipeline", last="model_index.json") as tmp: pipe.save_pretrained(tmp)
-    save_json(history, Path(out_dir) / "history.json")
+    if trainer.accelerator.is_main_process:                       # one writer; the others wait for it
+        with atomic_dir(Path(out_dir) / "pipeline", last="model_index.json") as tmp: pipe.save_pretrained(tmp)
+        save_json(history, Path(out_dir) / "history.json")
+    trainer.accelerator.wait_for_everyone()
     return pipe, history
-
-
-def _fingerprint(module: nn.Module) -> str:
-    "A short hash of a module's weights (names a cache entry by the exact tokenizer it was trained for)."
-    h = hashlib.sha1()
-    for k, v in sorted(module.state_dict().items()):
-        h.update(k.encode()); h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:10]
 
 
 def pretrained_toy_decoder(cfg: IllumeRefConfig, tokenizer, steps: int | None = None, cache: str | Path | None = None,
@@ -526,7 +534,7 @@ def pretrained_toy_decoder(cfg: IllumeRefConfig, tokenizer, steps: int | None = 
     done when its `history.json` (written last) is there and the pipeline loads back (`core.cached_run`)."""
     dcfg = resolve_decoder_config(cfg.decoder, spatial_channels, prediction_type)
     dcfg = dcfg.replace(train=dcfg.train.replace(steps=steps or dcfg.train.steps))
-    key = {"world": cfg.world.to_dict(), "decoder": dcfg.to_dict(), "tokenizer": _fingerprint(tokenizer),
+    key = {"world": cfg.world.to_dict(), "decoder": dcfg.to_dict(), "tokenizer": fingerprint(tokenizer),
            "split": "train", "eval_split": "val"}
 
     def build(folder):
@@ -544,7 +552,7 @@ def bench_decoder(steps=(10, 25, 50), batch_sizes=(1, 16), device="cpu", preset:
                   guidance_scale: float | None = None) -> list[dict]:
     """Time `IllumeDecoderPipeline` sampling for the `preset`'s decoder with random weights (timing only) on `device`:
     one row per (steps, batch size) with `seconds` per batch, `seconds_per_image` and `images_per_second`
-    (best of `repeats`, after one warm-up step)."""
+    (median of `repeats`, after one warm-up call: `core.timed`)."""
     cfg = get_config(preset)
     device = get_device(device)
     decoder = DiffusionDecoder.from_config(cfg.decoder, cfg.encoder.hidden_size * cfg.encoder.token_merge ** 2,
@@ -555,18 +563,11 @@ def bench_decoder(steps=(10, 25, 50), batch_sizes=(1, 16), device="cpu", preset:
     rows = []
     for B in batch_sizes:
         features = torch.randn(B, cfg.tokenizer.tokens_per_image, decoder.condition_projector.config.feature_dim, device=device)
-        pipe(features=features, num_inference_steps=1, guidance_scale=scale, output_type="pt")      # warm-up
         for n in steps:
-            best = float("inf")
-            for _ in range(repeats):
-                if device.type == "cuda": torch.cuda.synchronize()
-                start = time.perf_counter()
-                pipe(features=features, num_inference_steps=n, guidance_scale=scale, output_type="pt",
-                     generator=torch.Generator().manual_seed(0))
-                if device.type == "cuda": torch.cuda.synchronize()
-                best = min(best, time.perf_counter() - start)
+            sec = timed(lambda: pipe(features=features, num_inference_steps=n, guidance_scale=scale, output_type="pt",
+                                     generator=torch.Generator().manual_seed(0)), repeats, device).median
             rows.append({"preset": preset, "device": str(device), "steps": n, "batch_size": B, "guidance_scale": scale,
-                         "seconds": best, "seconds_per_image": best / B, "images_per_second": B / best})
+                         "seconds": sec, "seconds_per_image": sec / B, "images_per_second": B / sec})
     return rows
 
 

@@ -14,6 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from transformers import AutoConfig, AutoModel
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
+from transformers.utils import cached_file
 
 from .config import EncoderConfig
 from .core import atomic_dir, load_json, load_safetensors, pad_to_square, save_json, save_safetensors
@@ -178,7 +181,6 @@ def _read_processor_stats(name_or_path: str) -> tuple[tuple, tuple] | None:
     path = Path(name_or_path) / 'preprocessor_config.json'
     if not path.exists():
         try:
-            from transformers.utils import cached_file
             found = cached_file(name_or_path, 'preprocessor_config.json', _raise_exceptions_for_missing_entries=False,
                                 _raise_exceptions_for_connection_errors=False)
         except Exception: found = None
@@ -240,8 +242,6 @@ class VisionTower(SemanticEncoder):
         """Load the vision tower saved at `name_or_path` (a local folder or a hub id). A full CLIP/SigLIP
         checkpoint loads only its vision part. `image_mean`/`image_std` override the normalisation read from its
         `preprocessor_config.json`. `kwargs` go to `from_pretrained` of the model class."""
-        from transformers import AutoConfig, AutoModel
-        from transformers.models.auto.modeling_auto import MODEL_MAPPING
         path = _check_model_path(name_or_path)
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         vision_config = getattr(config, 'vision_config', None)

@@ -15,6 +15,7 @@ from PIL import Image
 
 from .conversation import TASK_PROMPTS, pad_sequences, pad_token_id, tokenize_conversation
 from .core import atomic_dir, load_json, save_json
+from .decoder import IllumeDecoderPipeline
 from .model import load_illume, save_illume
 from .sampling import (ANSWER, DRAW, SAMPLING_FIELDS, Sampling, check_settings, image_seeds, row_generators,
                                  sample_tokens, sampling_from, sampling_loop)
@@ -328,15 +329,6 @@ def chat(model, tokenizer, images, prompt: str, max_new_tokens: int = 32, sampli
 PARTS = ('mllm', 'vision_tokenizer', 'decoder')
 
 
-def _load_decoder(path: Path):
-    "The diffusion decoder saved at `path` (notebook 05's `IllumeDecoderPipeline`; diffusers is imported only here)."
-    from illume_ref import decoder as dec
-    for name in ('IllumeDecoderPipeline', 'DiffusionDecoder'):
-        cls = getattr(dec, name, None)
-        if cls is not None and hasattr(cls, 'from_pretrained'): return cls.from_pretrained(path)
-    raise ImportError("illume_ref.decoder has no IllumeDecoderPipeline / DiffusionDecoder with from_pretrained")
-
-
 GENERATION_KEYS = ('cfg_scale', 'temperature', 'top_k', 'top_p', 'max_new_tokens', 'template', 'edit_uncond',
                    'decoder_kwargs')
 
@@ -489,7 +481,7 @@ class IllumeSystem:
             importlib.import_module('illume_ref.reconstruction')   # registers the Fig. 6 pixel tokenizer with load_tokenizer
             vt = load_tokenizer(path / 'vision_tokenizer', device=device, trust_remote_code=trust_remote_code)
         if 'decoder' in meta['parts']:
-            dec = _load_decoder(path / 'decoder')
+            dec = IllumeDecoderPipeline.from_pretrained(path / 'decoder')
             if device is not None and hasattr(dec, 'to'): dec = dec.to(device)
         return cls(model, tokenizer, vt, dec, **{**meta['generation'], **overrides})
 

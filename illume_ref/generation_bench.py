@@ -5,13 +5,13 @@
 # %% ../nbs/08a_generation_bench.ipynb #b332675b
 from __future__ import annotations
 
-import time
 from typing import Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, LogitsProcessorList
 
 from .config import get_config
+from .core import timed
 from .generate import sample_image_codes
 from .model import llama_config_for
 from .sampling import Sampling
@@ -50,10 +50,6 @@ def _bench_llm(preset: str, device, dtype, seed: int = 0):
     return lm.eval(), vocab, cfg.tokenizer.tokens_per_image
 
 
-def _sync(device):
-    if str(device).startswith('cuda'): torch.cuda.synchronize()
-
-
 @torch.no_grad()
 def bench_generate(preset: str = 'toy', batch_size: int = 4, cfg_scale: float = 3.0, device: str = 'cpu',
                    dtype=None, prompt_length: int = 64, repeats: int = 1,
@@ -89,11 +85,9 @@ def bench_generate(preset: str = 'toy', batch_size: int = 4, cfg_scale: float = 
                           num_beams=1, top_k=None, top_p=None, temperature=None)
         return vocab.image_codes(torch.cat([torch.full((B, 1), vocab.image_start_id, device=out.device), out], 1).cpu())
 
-    for method in methods:
-        if method == methods[0] or str(device).startswith('cuda'): run(method)   # warm-up (kernels, allocator)
-        _sync(device); t0 = time.perf_counter()
-        for _ in range(repeats): codes[method] = run(method)
-        _sync(device); results[method] = (time.perf_counter() - t0) / repeats
+    for method in methods:                                   # `core.timed`: one warm-up call, median of `repeats`
+        t = timed(lambda: run(method), repeats, device)
+        results[method], codes[method] = t.median, t.result
     weight_bytes = sum(p.numel() * p.element_size() for p in lm.parameters())
     rows = []
     for m in methods:

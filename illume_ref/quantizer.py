@@ -6,14 +6,14 @@
 from __future__ import annotations
 
 import math
-import statistics
-import time
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .core import timed
 
 # %% auto #0
 __all__ = ['nearest_code', 'straight_through', 'vq_losses', 'ema_update_', 'kmeans', 'perplexity', 'sample_rows',
@@ -359,20 +359,6 @@ class VectorQuantizer(nn.Module):
         return QuantizerOutput(quantized, indices.reshape(lead), loss, codebook_loss, commitment_loss, perplexity(counts), usage)
 
 # %% ../nbs/02_quantizer.ipynb #b9cd7848
-def _timed(fn, repeats: int, device: torch.device):
-    "Median seconds of `repeats` calls after one warm-up call; peak CUDA bytes above the start; last result."
-    cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    if cuda:
-        sync(); torch.cuda.reset_peak_memory_stats(device); base = torch.cuda.memory_allocated(device)
-    result = fn(); sync()
-    peak = torch.cuda.max_memory_allocated(device) - base if cuda else None
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter(); result = fn(); sync(); times.append(time.perf_counter() - t0)
-    return statistics.median(times), peak, result
-
-
 def bench_quantizer(
     num_codes: int = 16384,  # K (ILLUME: 16,384)
     num_vectors: int = 65536,  # N (256 images x 256 tokens)
@@ -390,8 +376,10 @@ def bench_quantizer(
         gen = torch.Generator().manual_seed(seed)
         x = torch.randn(num_vectors, dim, generator=gen).to(device)
         codebook = torch.randn(num_codes, dim, generator=gen).to(device)
-        t_chunk, peak_chunk, idx_chunk = _timed(lambda x=x, c=codebook: nearest_code(x, c, chunk_size), repeats, device)
-        t_cdist, peak_cdist, idx_cdist = _timed(lambda x=x, c=codebook: torch.cdist(x, c).argmin(1), repeats, device)
+        chunk = timed(lambda x=x, c=codebook: nearest_code(x, c, chunk_size), repeats, device)
+        cdist = timed(lambda x=x, c=codebook: torch.cdist(x, c).argmin(1), repeats, device)
+        (t_chunk, peak_chunk, idx_chunk), (t_cdist, peak_cdist, idx_cdist) = ((t.median, t.peak_bytes, t.result)
+                                                                              for t in (chunk, cdist))
         theory_chunk = min(chunk_size, num_vectors) * num_codes * 4  # one (chunk, K) fp32 block
         theory_cdist = num_vectors * num_codes * 4  # the whole (N, K) fp32 matrix
         rows.append(dict(

@@ -11,8 +11,14 @@ from pathlib import Path
 import torch
 
 from .config import IllumeRefConfig, StageConfig
-from .core import load_json, save_json
+from .core import cached_run, fingerprint, get_device, load_json, save_json
 from .data import CodeCache, StageBatches, anyres_setting
+from .decoder import IllumeDecoderPipeline
+from .encoders import build_encoder
+from .generate import IllumeSystem
+from .model import build_illume, meta_illume
+from .tokenizer import load_tokenizer, pretrained_toy_tokenizer
+from .toy_encoder import pretrained_toy_encoder
 from .training import Trainer, param_groups
 from .vocab import TextRowFreezer
 
@@ -84,11 +90,9 @@ def drawing_parts(cfg: IllumeRefConfig, tokenizer=None, decoder=None, progress: 
                   trust_remote_code: bool = False):
     """(vision tokenizer, decoder pipeline or None). Each may be given as an object or a folder (a tokenizer folder;
     a decoder run folder or its `pipeline`); a missing tokenizer is the toy cache's (`pretrained_toy_tokenizer`)."""
-    from illume_ref.tokenizer import load_tokenizer, pretrained_toy_tokenizer
     if tokenizer is None: tokenizer = pretrained_toy_tokenizer(cfg, progress=progress)
     elif isinstance(tokenizer, (str, Path)): tokenizer = load_tokenizer(tokenizer, config=cfg, trust_remote_code=trust_remote_code)
     if isinstance(decoder, (str, Path)):
-        from illume_ref.decoder import IllumeDecoderPipeline
         folder = Path(decoder) / 'pipeline' if (Path(decoder) / 'pipeline').is_dir() else Path(decoder)
         decoder = IllumeDecoderPipeline.from_pretrained(folder)
         decoder.set_progress_bar_config(disable=True)
@@ -100,14 +104,10 @@ def _start(cfg: IllumeRefConfig, stage: StageConfig, previous, device, trust_rem
     if previous is None:
         if stage.name != 'stage1':
             raise ValueError(f"{stage.name} starts from the previous stage's folder: pass previous= (--from DIR)")
-        from illume_ref.encoders import build_encoder
-        from illume_ref.toy_encoder import pretrained_toy_encoder
-        from illume_ref.model import build_illume
         enc = (pretrained_toy_encoder(cfg.encoder, progress=False) if cfg.encoder.kind == 'toy_vit' and not cfg.encoder.name_or_path
                else build_encoder(cfg.encoder, trust_remote_code=trust_remote_code))
         model, tok = build_illume(cfg, encoder=enc, seed=cfg.seed)
     else:
-        from illume_ref.generate import IllumeSystem
         system = IllumeSystem.from_pretrained(previous, trust_remote_code=trust_remote_code)
         model, tok = system.model, system.tokenizer
     return model.to(device), tok
@@ -118,9 +118,9 @@ def train_stage(cfg: IllumeRefConfig, stage: str, out_dir: str | Path, *, previo
                 sources: dict | None = None, code_cache: CodeCache | None = None, trust_remote_code: bool = False):
     """Train `stage` ('stage1', 'stage2', 'stage3') of `cfg` into `out_dir`; returns `(IllumeSystem, history)`.
     `previous`: the folder of the stage before (stages 2 and 3). `tokenizer` / `decoder`: objects or folders of the
-    drawing path (default: the toy cache's tokenizer, no decoder). `sources`: task -> example source (default: toy)."""
-    from illume_ref.core import get_device
-    from illume_ref.generate import IllumeSystem
+    drawing path (default: the toy cache's tokenizer, no decoder). `sources`: task -> example source (default: toy).
+    `code_cache`: the codes of the images the model writes (default: one kept in `out_dir/codes-<tokenizer>.safetensors`,
+    read back on resume); the main process saves its entries at the end."""
     scfg: StageConfig = getattr(cfg, stage)
     device = get_device(device)
     out_dir = Path(out_dir)
@@ -137,6 +137,7 @@ def train_stage(cfg: IllumeRefConfig, stage: str, out_dir: str | Path, *, previo
     opt, freezer = stage_optimizer(model, scfg)
     if scfg.gradient_checkpointing: activation_checkpointing(model.language_model, True)
     # 3. data
+    code_cache = code_cache if code_cache is not None else CodeCache(vt, folder=out_dir)
     data = StageBatches(scfg, model, text_tok, vt, world=cfg.world, sources=sources, code_cache=code_cache)
     trainer = Trainer({'mllm': model}, opt, scfg.train, out_dir, resume=resume, device=device, desc=stage,
                       progress=progress)
@@ -169,6 +170,7 @@ def train_stage(cfg: IllumeRefConfig, stage: str, out_dir: str | Path, *, previo
                                                       'misses': data.cache.misses},
             'groups': groups}
     if trainer.accelerator.is_main_process:
+        if code_cache.folder is not None: code_cache.save()
         system.save_pretrained(out_dir)
         save_json(info, out_dir / 'history.json')
         plot_stage(info).savefig(out_dir / 'loss.png', dpi=100, bbox_inches='tight')
@@ -195,10 +197,11 @@ STAGES = ('stage1', 'stage2', 'stage3')
 
 def train_stages(cfg: IllumeRefConfig, out_dir: str | Path, stages=STAGES, previous: str | Path | None = None,
                  tokenizer=None, decoder=None, resume: bool = False, **kwargs) -> dict:
-    """Train `stages` in order into `out_dir/<stage>`; returns `{stage: history}`. The drawing path is loaded once."""
-    from illume_ref.generate import IllumeSystem
+    """Train `stages` in order into `out_dir/<stage>`; returns `{stage: history}`. The drawing path is loaded once,
+    and one code cache (`out_dir/codes-<tokenizer>.safetensors`) serves every stage."""
     vt, dec = drawing_parts(cfg, tokenizer, decoder, kwargs.get('progress', True), kwargs.get('trust_remote_code', False))
     out_dir, infos = Path(out_dir), {}
+    kwargs.setdefault('code_cache', CodeCache(vt, folder=out_dir))
     for name in stages:
         folder = out_dir / name
         if (folder / 'system.json').exists() and (folder / 'history.json').exists():
@@ -230,7 +233,6 @@ def fsdp_memory(model, stage: StageConfig, devices=(8, 32, 256), seq_len: int | 
 
 def dry_run(cfg: IllumeRefConfig, stage: str, devices=(8, 32, 256)) -> str:
     "The text `illume-ref train STAGE --dry-run` prints: the model on `meta`, its groups, memory per device."
-    from illume_ref.model import meta_illume
     scfg = getattr(cfg, stage)
     model = meta_illume(cfg)
     lines = [f"{stage} of preset '{cfg.preset}': {sum(p.numel() for p in model.parameters()) / 1e9:.3f}B parameters "
@@ -252,7 +254,6 @@ def dry_run(cfg: IllumeRefConfig, stage: str, devices=(8, 32, 256)) -> str:
 def pretrained_toy_stages(cfg: IllumeRefConfig, tokenizer, decoder=None, cache=None, progress: bool = True) -> tuple[Path, dict]:
     """`(folder, {stage: history})` of `train_stages(cfg, ...)` with this drawing path, from the cache when that exact
     run was done before; `folder/stage3` is the final system."""
-    from illume_ref.core import cached_run, fingerprint
     key = {'cfg': cfg.to_dict(), 'tokenizer': fingerprint(tokenizer), 'decoder': fingerprint(decoder.unet) if decoder is not None else None}
     def build(folder): train_stages(cfg, folder, tokenizer=tokenizer, decoder=decoder, progress=progress)
     def load(folder): return folder, {s: load_json(folder / s / 'history.json') for s in STAGES}

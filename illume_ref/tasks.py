@@ -23,8 +23,8 @@ from .toyworld import (BACKGROUND, COLORS, SHAPES, SPLITS, Scene, ToyObject, as_
 # %% auto #0
 __all__ = ['VQA_TYPES', 'POPE_VARIANTS', 'ALL_OBJECTS', 'EDIT_TYPES', 'TASKS', 'DEFAULT_SIZES', 'METADATA_FILE', 'vqa_question',
            'format_choices', 'mc_question', 'object_frequencies', 'pope_negative', 'pope_question', 'edit_types',
-           'make_edit', 'task_examples', 'build_dataset', 'build_dataset_dict', 'json_type', 'check_type', 'read_text',
-           'read_jsonl', 'write_folder', 'read_folder']
+           'make_edit', 'in_split', 'task_examples', 'build_dataset', 'build_dataset_dict', 'json_type', 'check_type',
+           'read_text', 'read_jsonl', 'write_folder', 'read_folder']
 
 # %% ../nbs/01c_tasks.ipynb #f4ff10bc
 VQA_TYPES = ('color', 'shape', 'count', 'position')
@@ -195,7 +195,7 @@ TASKS = ('caption', 'vqa', 'mc', 'pope', 'edit')
 DEFAULT_SIZES = {'train': 1000, 'val': 100, 'test': 100}
 
 
-def _in_split(make, scenes_of, split: str, max_tries: int = 100_000):
+def in_split(make, scenes_of, split: str, max_tries: int = 100_000):
     "Call `make()` until every scene of its result belongs to `split`."
     check_split(split)
     for _ in range(max_tries):
@@ -222,12 +222,12 @@ def task_examples(task: str, split: str = 'train', n: int = 100, seed: int = 0, 
     p = world_params(world.pop('world', None), **world)
     wk = {k: p[k] for k in ('grid_size', 'min_objects', 'max_objects', 'shapes', 'colors')}
     rng = random.Random(split_seed(seed, split))
-    scene = lambda: _in_split(lambda: sample_scene(rng, **wk), lambda s: [s], split)
+    scene = lambda: in_split(lambda: sample_scene(rng, **wk), lambda s: [s], split)
     out = []
     if task == 'caption':
         for i in range(n):
             cat = CAPTION_CATEGORIES[i % len(CAPTION_CATEGORIES)]
-            ex = _in_split(lambda: sample_caption(rng, cat, **wk), lambda e: [e['scene']], split)
+            ex = in_split(lambda: sample_caption(rng, cat, **wk), lambda e: [e['scene']], split)
             out.append({'scene': ex['scene'], 'caption': ex['caption'], 'category': cat,
                         'spec': json.dumps(parse_caption(ex['caption'], p['grid_size']).to_dict())})
     elif task in ('vqa', 'mc'):
@@ -247,7 +247,7 @@ def task_examples(task: str, split: str = 'train', n: int = 100, seed: int = 0, 
             def make():
                 sc = sample_scene(rng, **wk)
                 return make_edit(sc, et, rng, p['shapes'], p['colors'], p['max_objects']) if et in edit_types(sc, p['max_objects']) else None
-            out.append(_in_split(make, lambda e: [e['source'], e['target']] if e else [], split))
+            out.append(in_split(make, lambda e: [e['source'], e['target']] if e else [], split))
     return out
 
 

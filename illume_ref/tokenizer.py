@@ -17,13 +17,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .config import IllumeRefConfig, QuantizerConfig, TokenizerConfig, get_config
-from .core import (atomic_dir, cached_run, cached_run_dir, get_device, load_json, load_safetensors, save_json,
+from .core import (atomic_dir, cache_key, cached_run, cached_run_dir, get_device, load_json, load_safetensors, save_json,
                              save_safetensors, seed_everything)
 from .encoders import Block, SemanticEncoder, ToyViT, VisionTower, build_encoder, images_to_tensor
 from .quantizer import VectorQuantizer, perplexity
-from .toy_encoder import fit_linear_probe, pretrained_toy_encoder, probe_tasks, toy_batch
+from .toy_encoder import fit_linear_probe, pretrained_toy_encoder, probe_tasks, toy_batch, toy_encoder_key
 from .toyworld import as_rng, render_batch, sample_scenes
-from .training import Trainer
+from .training import Trainer, param_groups
 
 # %% auto #0
 __all__ = ['TOKENIZERS', 'build_quantizer', 'FeatureDecoder', 'VisionTokenizer', 'SemanticVisionTokenizer', 'register_tokenizer',
@@ -38,7 +38,7 @@ def build_quantizer(dim: int, config: QuantizerConfig | None = None) -> VectorQu
     return VectorQuantizer(c.num_codes, dim, code_dim=c.code_dim, beta=c.beta, use_ema=c.use_ema,
                            ema_decay=c.ema_decay, l2_normalize=c.l2_normalize, kmeans_init=c.kmeans_init,
                            kmeans_iters=c.kmeans_iters, dead_code_threshold=c.dead_code_threshold,
-                           chunk_size=c.chunk_size)
+                           dead_code_grace=c.dead_code_grace, chunk_size=c.chunk_size)
 
 # %% ../nbs/04_tokenizer.ipynb #732e041c
 class FeatureDecoder(nn.Module):
@@ -456,17 +456,17 @@ def train_tokenizer(cfg: IllumeRefConfig, out_dir: str | Path, kind: str = 'sema
     if kind == 'semantic' and encoder is None: encoder = pretrained_or_trained_encoder(cfg, progress)   # may train it
     seed_everything(train.seed)                                       # initial weights depend on the seed alone
     tokenizer = build_tokenizer(cfg, kind, encoder).to(device)
-    trainable = [p for p in tokenizer.parameters() if p.requires_grad]
-    groups = [{'params': [p for p in trainable if p.ndim >= 2], 'weight_decay': train.weight_decay},
-              {'params': [p for p in trainable if p.ndim < 2], 'weight_decay': 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=(0.9, 0.99))
+    trainable = [(n, p) for n, p in tokenizer.named_parameters() if p.requires_grad]   # the encoder copy stays frozen
+    optimizer = torch.optim.AdamW(param_groups({'tokenizer': trainable}, {'tokenizer': train.lr}, train.weight_decay),
+                                  lr=train.lr, betas=(0.9, 0.99))
     trainer = Trainer({'tokenizer': tokenizer}, optimizer, train, out_dir, resume=resume, device=device,
                       desc=f'{kind} tokenizer', progress=progress)
     S, antialias = tokenizer.image_size, bool(cfg.world.antialias)
+    model = trainer.models['tokenizer']                                 # the wrapped module under DDP / FSDP2
 
     def step_fn(step: int) -> dict:
         scenes = sample_scenes(trainer.rng(step), train.batch_size, cfg.world, split='train')
-        out = tokenizer(render_batch(scenes, S, antialias).to(device))
+        out = model(render_batch(scenes, S, antialias).to(device))
         return {'loss': out['loss'], **out['metrics']}
 
     start, cpu_start = time.time(), time.process_time()
@@ -478,8 +478,10 @@ def train_tokenizer(cfg: IllumeRefConfig, out_dir: str | Path, kind: str = 'sema
     if trainer.step < train.steps: return tokenizer, history            # interrupted on purpose
     held_out = render_batch(sample_scenes(0, eval_images, cfg.world, split='test'), S, antialias)
     history['eval'] = {**evaluate_tokenizer(tokenizer, held_out), 'split': 'test'}
-    tokenizer.save_pretrained(out_dir)
-    save_json(history, Path(out_dir) / 'history.json')
+    if trainer.accelerator.is_main_process:                            # one writer; the others wait for it
+        tokenizer.save_pretrained(out_dir)
+        save_json(history, Path(out_dir) / 'history.json')
+    trainer.accelerator.wait_for_everyone()
     return tokenizer, history
 
 # %% ../nbs/04_tokenizer.ipynb #749f960b
@@ -493,6 +495,8 @@ def _toy_tokenizer_key(cfg: IllumeRefConfig | None, kind: str, steps: int | None
     cfg = cfg if cfg is not None else get_config('toy')
     parts = {k: getattr(cfg, k).to_dict() for k in ('world', 'encoder', 'quantizer', 'tokenizer')}
     for bookkeeping in ('log_every', 'save_every'): parts['tokenizer']['train'].pop(bookkeeping)   # do not change the weights
+    if kind == 'semantic' and cfg.encoder.kind == 'toy_vit' and not cfg.encoder.name_or_path:
+        parts['encoder_run'] = cache_key(toy_encoder_key(cfg.encoder))  # the cached toy ViT it is built on
     return {'kind': kind, 'steps': steps, 'split': 'train', **parts}      # trained on the train split's scenes
 
 

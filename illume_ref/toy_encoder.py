@@ -5,7 +5,8 @@
 # %% ../nbs/03a_toy_encoder.ipynb #0975d64f
 from __future__ import annotations
 
-import math
+import contextlib
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -14,15 +15,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import EncoderConfig
-from .core import cached_run, save_json, seed_everything
+from .config import EncoderConfig, TrainConfig
+from .core import cached_run, get_device, save_json, seed_everything
 from .encoders import TOY_ARCH_FIELDS, SemanticEncoder, ToyViT
 from .toyworld import BACKGROUND, COLORS, SHAPES, as_rng, render_batch, sample_scenes
-from tqdm.auto import tqdm
+from .training import Trainer, param_groups
 
 # %% auto #0
-__all__ = ['toy_labels', 'toy_batch', 'ToyPretrainHeads', 'pretrain_toy_encoder', 'pretrained_toy_encoder', 'probe_data',
-           'probe_tasks', 'fit_linear_probe', 'linear_probe']
+__all__ = ['toy_labels', 'toy_batch', 'ToyPretrainHeads', 'ToyEncoderPretraining', 'toy_encoder_train_config',
+           'pretrain_toy_encoder', 'toy_encoder_key', 'pretrained_toy_encoder', 'probe_data', 'probe_tasks',
+           'fit_linear_probe', 'linear_probe']
 
 # %% ../nbs/03a_toy_encoder.ipynb #b0d18440
 def toy_labels(scenes: Sequence, images: torch.Tensor, patch_size: int, background=None,
@@ -101,68 +103,87 @@ class ToyPretrainHeads(nn.Module):
         return l
 
 
+class ToyEncoderPretraining(nn.Module):
+    """The ToyViT with its pretraining heads as one trained module, so that a DDP / FSDP2 launch wraps both:
+    `forward(batch)` -> `ToyPretrainHeads.losses` of the ViT's patch features of `batch['images']`."""
+    def __init__(self, vit: ToyViT, heads: ToyPretrainHeads):
+        super().__init__()
+        self.vit, self.heads = vit, heads
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        return self.heads.losses(self.vit.patch_features(self.vit.normalize(batch['images'])), batch)
+
+
+def toy_encoder_train_config(steps: int = 200, batch_size: int = 32, seed: int = 0, lr: float = 3e-3,
+                             weight_decay: float = 0.05, warmup: int = 20, log_every: int = 10) -> TrainConfig:
+    "The `TrainConfig` of `pretrain_toy_encoder` (a checkpoint every 50 steps, gradients clipped at 1)."
+    return TrainConfig(lr=lr, batch_size=batch_size, steps=steps, warmup_steps=warmup, weight_decay=weight_decay,
+                       grad_clip=1.0, log_every=log_every, save_every=min(50, steps), seed=seed)
+
+
 def pretrain_toy_encoder(config: EncoderConfig | None = None, steps: int = 200, batch_size: int = 32, seed: int = 0,
                          out_dir: str | Path | None = None, progress: bool = True, lr: float = 3e-3,
                          weight_decay: float = 0.05, warmup: int = 20, world=None, device=None,
-                         log_every: int = 10) -> tuple[ToyViT, dict]:
-    """Pretrain a `ToyViT` on fresh toy scenes of the `train` split with per-patch shape/colour and per-image pair-count objectives.
-    Returns `(model, history)`; history holds `step` and each loss, every `log_every` steps, and `seconds`.
-    Saves the model (and `history.json`) to `out_dir` when given. The returned model is in eval mode."""
+                         log_every: int = 10, resume: bool = False, stop_at: int | None = None) -> tuple[ToyViT, dict]:
+    """Pretrain a `ToyViT` on fresh toy scenes of the `train` split with per-patch shape/colour/cell and per-image
+    pair-count objectives, on the shared `Trainer` (warm-up + cosine LR, clipping, checkpoints under
+    `out_dir/checkpoints`, exact `resume`; a temporary folder when `out_dir` is None). Returns `(model, history)`:
+    history = {'train': the Trainer's log (step, lr, every loss, grad_norm) every `log_every` steps, 'steps',
+    'seconds'}. Saves the model (and `history.json`, last) to `out_dir` when given. `stop_at` stops early as if
+    interrupted (nothing final is saved). The returned model is in eval mode."""
     config = config if config is not None else EncoderConfig()
-    seed_everything(seed)
-    rng = as_rng(seed)
-    model = ToyViT(config.replace(token_merge=1, select_layer=-1, name_or_path=None))
+    train = toy_encoder_train_config(steps, batch_size, seed, lr, weight_decay, warmup, log_every)
+    seed_everything(seed)                                            # initial weights depend on the seed alone
     grid = getattr(world, 'grid_size', None) or 3
-    heads = ToyPretrainHeads(config.hidden_size, len(SHAPES), len(COLORS), num_cells=grid * grid)
-    device = torch.device(device) if device is not None else torch.device('cpu')
-    model.to(device).train(); heads.to(device).train()
-    params = list(model.parameters()) + list(heads.parameters())
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.}],
-                            lr=lr, betas=(0.9, 0.98))
-    schedule = lambda s: min(1., (s + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * min(1., s / max(1, steps))))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    history = {'step': [], 'loss': [], 'patch_shape': [], 'patch_color': [], 'patch_cell': [], 'pair_count': []}
-    start = time.time()
-    bar = tqdm(range(steps), desc='pretrain ToyViT', disable=not progress)
-    running = None
-    for step in bar:
-        batch = toy_batch(rng, batch_size, config.image_size, config.patch_size, world=world, split='train')
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        losses = heads.losses(model.patch_features(model.normalize(batch['images'])), batch)
-        opt.zero_grad(set_to_none=True)
-        losses['loss'].backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step(); sched.step()
-        vals = {k: v.item() for k, v in losses.items()}
-        running = vals if running is None else {k: 0.9 * running[k] + 0.1 * vals[k] for k in vals}
-        if step % log_every == 0 or step == steps - 1:
-            history['step'].append(step)
-            for k in vals: history[k].append(vals[k])
-        bar.set_postfix(loss=f"{running['loss']:.3f}")
-    history['seconds'] = time.time() - start
-    model = model.eval()
-    out = ToyViT(config.replace(name_or_path=str(out_dir) if out_dir else None)).to(device)
-    out.load_state_dict(model.state_dict()); out.eval()          # the caller's select_layer / token_merge
-    if out_dir is not None:
-        out.save_pretrained(out_dir)
-        save_json(history, Path(out_dir) / 'history.json')      # last: the cache's "finished" marker
+    vit = ToyViT(config.replace(token_merge=1, select_layer=-1, name_or_path=None))
+    pretraining = ToyEncoderPretraining(vit, ToyPretrainHeads(config.hidden_size, len(SHAPES), len(COLORS), grid * grid))
+    groups = param_groups({'vit': vit, 'heads': pretraining.heads}, {'vit': lr, 'heads': lr}, weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98))
+    with contextlib.ExitStack() as stack:
+        folder = Path(out_dir) if out_dir is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        trainer = Trainer({'pretraining': pretraining}, optimizer, train, folder, resume=resume,
+                          device=get_device(device), desc='pretrain ToyViT', progress=progress, keep_last=1)
+        model = trainer.models['pretraining']                        # the wrapped module under DDP / FSDP2
+
+        def step_fn(step: int) -> dict:
+            batch = toy_batch(trainer.rng(step), batch_size, config.image_size, config.patch_size, world=world, split='train')
+            return model({k: v.to(trainer.device) if torch.is_tensor(v) else v for k, v in batch.items()})
+
+        start = time.time()
+        trainer.fit(step_fn, stop_at=stop_at)
+        history = {'train': trainer.history, 'steps': trainer.step, 'seconds': time.time() - start}
+        out = ToyViT(config.replace(name_or_path=str(out_dir) if out_dir else None)).to(trainer.device)
+        out.load_state_dict(vit.state_dict()); out.eval()               # the caller's select_layer / token_merge
+        if out_dir is not None and trainer.step == steps and trainer.accelerator.is_main_process:
+            out.save_pretrained(out_dir)
+            save_json(history, Path(out_dir) / 'history.json')      # last: the cache's "finished" marker
+        trainer.accelerator.wait_for_everyone()
     return out, history
 
 # %% ../nbs/03a_toy_encoder.ipynb #2c5fa66c
-def pretrained_toy_encoder(config: EncoderConfig | None = None, steps: int = 200, batch_size: int = 32, seed: int = 0,
-                           cache: str | Path | None = None, progress: bool = True, **kwargs) -> ToyViT:
-    """A ToyViT pretrained with `pretrain_toy_encoder`, loaded from the cache when that exact run was done before
-    (else trained and saved there). The returned model uses `config`'s output settings and is in eval mode.
-    A run counts as done when its `history.json` (the last file written) is there and the model loads back
-    (`core.cached_run`). The key names the scenes it trains on (the `train` split); the device is not part of it."""
+def toy_encoder_key(config: EncoderConfig | None = None, steps: int = 200, batch_size: int = 32, seed: int = 0,
+                    world=None, **train_kwargs) -> dict:
+    """What names a `pretrained_toy_encoder` run: the architecture, the `TrainConfig` (bookkeeping aside), the world
+    and the split it trains on. Later caches built on this encoder (the semantic tokenizer's) include its hash."""
     config = config if config is not None else EncoderConfig()
-    arch = {f: getattr(config, f) for f in TOY_ARCH_FIELDS}
-    key = {'arch': arch, 'steps': steps, 'batch_size': batch_size, 'seed': seed, 'split': 'train',
-           **{k: v for k, v in kwargs.items() if k != 'device'}}
+    train = toy_encoder_train_config(steps, batch_size, seed, **train_kwargs).to_dict()
+    for bookkeeping in ('log_every', 'save_every'): train.pop(bookkeeping)      # do not change the weights
+    return {'arch': {f: getattr(config, f) for f in TOY_ARCH_FIELDS}, 'train': train, 'split': 'train',
+            'world': world.to_dict() if world is not None else None}
+
+
+def pretrained_toy_encoder(config: EncoderConfig | None = None, steps: int = 200, batch_size: int = 32, seed: int = 0,
+                           cache: str | Path | None = None, progress: bool = True, world=None, device=None,
+                           **train_kwargs) -> ToyViT:
+    """A ToyViT pretrained with `pretrain_toy_encoder`, loaded from the cache when that exact run was done before
+    (else trained there, resuming an interrupted run). The returned model uses `config`'s output settings and is in
+    eval mode. A run counts as done when its `history.json` (the last file written) is there and the model loads
+    back (`core.cached_run`). The key names the architecture, the `TrainConfig` (bookkeeping aside), the world and
+    the scenes it trains on (the `train` split); the device is not part of it."""
+    config = config if config is not None else EncoderConfig()
+    key = toy_encoder_key(config, steps, batch_size, seed, world, **train_kwargs)
     build = lambda folder: pretrain_toy_encoder(config, steps=steps, batch_size=batch_size, seed=seed, out_dir=folder,
-                                                progress=progress, **kwargs)
+                                                progress=progress, world=world, device=device, resume=True, **train_kwargs)
     return cached_run('toy_vit', key, build, lambda folder: ToyViT.from_pretrained(folder, config).eval(), cache=cache)
 
 # %% ../nbs/03a_toy_encoder.ipynb #b23d16d0

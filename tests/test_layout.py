@@ -65,3 +65,27 @@ def test_library_text_speaks_of_illume_only():
     hits = [f"{p.name}: {m.group()}" for root in roots for p in root.glob("*.[pi]*")
             if p.suffix in (".py", ".ipynb") for m in words.finditer(p.read_text(encoding="utf-8"))]
     assert not hits, hits
+
+
+# an import inside a function is kept only where a lighter import or an optional package needs it
+LAZY_PACKAGES = {"matplotlib.pyplot", "datasets", "openpyxl"}      # plotting / datasets: heavy; openpyxl: optional
+TORCH_FREE = {"configbase", "toyworld", "oracle", "captions", "tasks"}   # they reach torch (and core) only on use
+
+
+def function_level_imports(name: str) -> list[tuple[int, str]]:
+    "(line, imported module) of every import inside a function of `name`."
+    tree = ast.parse((LIB / f"{name}.py").read_text())
+    found = []
+    for fn in ast.walk(tree):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)): continue
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Import): found += [(node.lineno, a.name) for a in node.names]
+            elif isinstance(node, ast.ImportFrom): found.append((node.lineno, ("." * node.level) + (node.module or "")))
+    return found
+
+
+@pytest.mark.parametrize("name", [m for m in ORDER if m != "cli"])      # the CLI imports each command's modules lazily
+def test_imports_inside_functions_have_a_reason(name):
+    allowed = LAZY_PACKAGES | ({"torch", "illume_ref.core"} if name in TORCH_FREE else set())
+    bad = [(line, mod) for line, mod in function_level_imports(name) if mod not in allowed]
+    assert not bad, f"illume_ref/{name}.py imports inside functions without a reason: {bad} (move them to the top)"

@@ -11,6 +11,7 @@ import torch
 
 from illume_ref.config import get_config
 from illume_ref.core import fingerprint
+from illume_ref.data import CodeCache
 from illume_ref.generate import IllumeSystem
 from illume_ref.model import build_illume
 from illume_ref.stages import describe_groups, dry_run, stage_groups, train_stage, train_stages
@@ -78,6 +79,12 @@ def test_stages_chain_and_a_finished_chain_is_reused(tiny):
     enc = "vision_encoder"
     assert not torch.equal(next(p for n, p in s2.named_parameters() if n.startswith(enc) and p.dim() == 2),
                            next(p for n, p in s3.named_parameters() if n.startswith(enc) and p.dim() == 2))  # stage 3 trains it
+    # one code cache serves the chain and is kept: a later stage finds the codes the earlier ones encoded
+    (codes,) = (root / "chain").glob("codes-*.safetensors")
+    kept = CodeCache(vt, folder=root / "chain")
+    assert codes == kept.path and len(kept) == infos["stage3"]["code_cache"]["entries"] > 0
+    entries = [infos[s]["code_cache"]["entries"] for s in ("stage1", "stage2", "stage3")]
+    assert entries == sorted(entries) and entries[0] > 0          # one table, grown stage by stage
     mtime = (root / "chain" / "stage3" / "history.json").stat().st_mtime
     again = train_stages(cfg, root / "chain", tokenizer=vt, progress=False)
     assert (root / "chain" / "stage3" / "history.json").stat().st_mtime == mtime and again.keys() == infos.keys()

@@ -412,8 +412,13 @@ def test_encoders_does_not_import_the_toy_pretraining():
     assert out.returncode == 0, out.stderr
 
 
-def test_cache_folders_are_unchanged():
-    "The toy preset's tokenizers are cached under the same keys as before the split: runs trained earlier stay valid."
+def test_cache_folders_are_pinned_and_name_the_encoder_run(monkeypatch):
+    """The toy preset's tokenizers are cached under pinned keys (a change retrains them and everything downstream, so
+    it must be deliberate), and the semantic one's names the toy ViT run it is built on."""
     cfg = get_config("toy")
     assert [toy_tokenizer_dir(cfg, k).name for k in ("semantic", "reconstruction")] == [
-        "tokenizer-semantic-c5b4ba5b6c", "tokenizer-reconstruction-82ad83d8b7"]
+        "tokenizer-semantic-62fb56ad45", "tokenizer-reconstruction-1b414eee64"]
+    assert "encoder_run" not in tokenizer_module._toy_tokenizer_key(cfg, "reconstruction", None)
+    monkeypatch.setattr(tokenizer_module, "toy_encoder_key", lambda enc: {"another": "run"})   # another ViT run:
+    assert toy_tokenizer_dir(cfg, "semantic").name != "tokenizer-semantic-62fb56ad45"            # another folder
+    assert toy_tokenizer_dir(cfg, "reconstruction").name == "tokenizer-reconstruction-1b414eee64"
