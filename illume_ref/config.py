@@ -12,9 +12,9 @@ from typing import Optional
 from .configbase import ConfigBase, ConfigError, _closest, merge_config_dicts
 
 # %% auto #0
-__all__ = ['PREDICTION_TYPES', 'STAGE_GROUPS', 'STAGE_TASKS', 'RESERVED_TASKS', 'PRESETS', 'TrainConfig', 'ToyWorldConfig',
-           'EncoderConfig', 'QuantizerConfig', 'TokenizerConfig', 'DecoderConfig', 'LLMConfig', 'StageConfig',
-           'SelfEnhanceConfig', 'EvalConfig', 'IllumeRefConfig', 'preset_config', 'get_config']
+__all__ = ['PREDICTION_TYPES', 'STAGE_GROUPS', 'STAGE_TASKS', 'RESERVED_TASKS', 'STAGE_DATA', 'PRESETS', 'TrainConfig',
+           'ToyWorldConfig', 'EncoderConfig', 'QuantizerConfig', 'TokenizerConfig', 'DecoderConfig', 'LLMConfig',
+           'StageConfig', 'SelfEnhanceConfig', 'EvalConfig', 'IllumeRefConfig', 'preset_config', 'get_config']
 
 # %% ../nbs/00a_config.ipynb #53c9239b
 @dataclass
@@ -404,6 +404,15 @@ class IllumeRefConfig(ConfigBase):
                       f"{self.llm.max_position_embeddings} positions cannot hold one image ({per_image} tokens)")
 
 # %% ../nbs/00a_config.ipynb #1c798207
+# Fig. 4's data mixture of each stage (relative weights), the same at every scale; a preset copies it
+STAGE_DATA = {"stage1": {"caption": 1.0, "reconstruct": 1.0},
+              "stage2": {"text": 0.2, "caption": 1.0, "reconstruct": 0.3, "generate": 1.0, "vqa": 1.0, "edit": 0.5},
+              "stage3": {"vqa": 1.0, "mmbench": 0.5, "pope": 0.5, "generate": 1.0, "edit": 0.5}}
+
+
+def _stage_data(stage: str) -> dict[str, float]: return dict(STAGE_DATA[stage])
+
+
 def _stage_train(batch_size: int, steps: int, warmup_steps: int, dtype: str = "auto") -> TrainConfig:
     "A stage's optimisation: Table 5's batch and steps, a 3% linear warm-up, no weight decay, clipping at 1."
     return TrainConfig(batch_size=batch_size, steps=steps, warmup_steps=warmup_steps, weight_decay=0.0, grad_clip=1.0,
@@ -428,13 +437,13 @@ def _toy() -> IllumeRefConfig:
         # toy stages keep the paper's ratios between groups, with CPU-sized batches and steps
         # (sized for minutes on 2 CPU cores; notebook 11 measures how many)
         stage1=StageConfig(name="stage1", lrs={"adapter": 1e-3, "visual_embed": 2e-3},
-                           train=_stage_train(16, 250, 8), image_size=64, data={"caption": 1.0, "reconstruct": 1.0}),
+                           train=_stage_train(16, 250, 8), image_size=64, data=_stage_data("stage1")),
         stage2=StageConfig(name="stage2", lrs={"adapter": 5e-4, "llm": 5e-4}, train=_stage_train(16, 750, 22),
                            image_size=64, caption_dropout=0.1,
-                           data={"text": 0.2, "caption": 1.0, "reconstruct": 0.3, "generate": 1.0, "vqa": 1.0, "edit": 0.5}),
+                           data=_stage_data("stage2")),
         stage3=StageConfig(name="stage3", lrs={"vision_encoder": 2e-5, "adapter": 2e-4, "llm": 2e-4},
                            train=_stage_train(16, 250, 8), image_size=64, caption_dropout=0.1,
-                           data={"vqa": 1.0, "mmbench": 0.5, "pope": 0.5, "generate": 1.0, "edit": 0.5}),
+                           data=_stage_data("stage3")),
         self_enhance=SelfEnhanceConfig(num_captions=2000),
         eval=EvalConfig(),
     )
@@ -458,14 +467,14 @@ def _small() -> IllumeRefConfig:
                       hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14, num_kv_heads=2,
                       max_position_embeddings=4096, adapter_hidden=896, text_vocab_size=151936),
         stage1=StageConfig(name="stage1", lrs={"adapter": 1e-3, "visual_embed": 2e-4}, train=_stage_train(64, 5000, 150, "bf16"),
-                           image_size=256, data={"caption": 1.0, "reconstruct": 1.0}),
+                           image_size=256, data=_stage_data("stage1")),
         stage2=StageConfig(name="stage2", lrs={"adapter": 5e-5, "llm": 5e-5}, train=_stage_train(128, 15000, 450, "bf16"),
                            image_size=256, caption_dropout=0.1,
-                           data={"text": 0.2, "caption": 1.0, "reconstruct": 0.3, "generate": 1.0, "vqa": 1.0, "edit": 0.5}),
+                           data=_stage_data("stage2")),
         stage3=StageConfig(name="stage3", lrs={"vision_encoder": 2e-6, "adapter": 2e-5, "llm": 2e-5},
                            train=_stage_train(128, 8000, 240, "bf16"), image_size=256, anyres=True, max_slices=4,
                            base_resolution=256, caption_dropout=0.1,
-                           data={"vqa": 1.0, "mmbench": 0.5, "pope": 0.5, "generate": 1.0, "edit": 0.5}),
+                           data=_stage_data("stage3")),
         self_enhance=SelfEnhanceConfig(num_captions=20000),
         eval=EvalConfig(),
     )
@@ -492,14 +501,14 @@ def _full() -> IllumeRefConfig:
                       num_kv_heads=32, max_position_embeddings=4096, adapter_hidden=4096),
         # Table 5: batch 256 / 1024 / 1024 for 5,000 / 15,000 / 8,000 steps
         stage1=StageConfig(name="stage1", lrs={"adapter": 1e-3, "visual_embed": 2e-4}, train=_stage_train(256, 5000, 150, "bf16"),
-                           image_size=224, data={"caption": 1.0, "reconstruct": 1.0}, gradient_checkpointing=True),
+                           image_size=224, data=_stage_data("stage1"), gradient_checkpointing=True),
         stage2=StageConfig(name="stage2", lrs={"adapter": 5e-5, "llm": 5e-5}, train=_stage_train(1024, 15000, 450, "bf16"),
                            image_size=224, caption_dropout=0.1, gradient_checkpointing=True,
-                           data={"text": 0.2, "caption": 1.0, "reconstruct": 0.3, "generate": 1.0, "vqa": 1.0, "edit": 0.5}),
+                           data=_stage_data("stage2")),
         stage3=StageConfig(name="stage3", lrs={"vision_encoder": 2e-6, "adapter": 2e-5, "llm": 2e-5},
                            train=_stage_train(1024, 8000, 240, "bf16"), image_size=448, anyres=True, max_slices=9,
                            base_resolution=448, caption_dropout=0.1, gradient_checkpointing=True,
-                           data={"vqa": 1.0, "mmbench": 0.5, "pope": 0.5, "generate": 1.0, "edit": 0.5}),
+                           data=_stage_data("stage3")),
         self_enhance=SelfEnhanceConfig(num_captions=50000, judge="file"),
         eval=EvalConfig(pope_per_split=3000, geneval_images_per_prompt=4, fid_samples=30000),
     )

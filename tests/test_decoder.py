@@ -266,15 +266,9 @@ def test_seen_in_training_replays_the_draws():
     assert sum(seen_in_training(held_out, TrainConfig(steps=600, batch_size=32))) == 0     # the toy run's draws
 
 
-def test_training_draws_train_scenes_and_is_scored_on_val_scenes(tokenizer, pipe, tmp_path, monkeypatch):
+def test_training_draws_train_scenes_and_is_scored_on_val_scenes(tokenizer, pipe, tmp_path, recorded_scenes):
     import illume_ref.decoder as decoder_module
-    drawn = []
-
-    def recording(rng, n, world=None, split=None, **kw):                 # the real sampler, its draws recorded
-        scenes = sample_scenes(rng, n, world, split, **kw)
-        drawn.append((split, scenes))
-        return scenes
-    monkeypatch.setattr(decoder_module, 'sample_scenes', recording)
+    drawn = recorded_scenes(decoder_module)
     _, h = train_decoder(tiny_cfg(), tokenizer, tmp_path / 'd', steps=2, progress=False, eval_images=3)
     assert [split for split, _ in drawn] == ['train', 'train', 'val'] and h['eval']['split'] == 'val'
     assert all(scene_split(sc) == split for split, scenes in drawn for sc in scenes)

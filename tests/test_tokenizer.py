@@ -170,14 +170,8 @@ def test_tokenizer_owns_a_frozen_copy_of_its_encoder(images):
                        caller.pos_embed) and caller.pos_embed.requires_grad              # from_config copies too
 
 
-def test_training_sees_only_train_scenes_and_is_scored_on_test_scenes(encoder, tmp_path, monkeypatch):
-    drawn = []
-
-    def recording(rng, n, world=None, split=None, **kw):                 # the real sampler, its draws recorded
-        scenes = sample_scenes(rng, n, world, split, **kw)
-        drawn.append((split, scenes))
-        return scenes
-    monkeypatch.setattr(tokenizer_module, "sample_scenes", recording)
+def test_training_sees_only_train_scenes_and_is_scored_on_test_scenes(encoder, tmp_path, recorded_scenes):
+    drawn = recorded_scenes(tokenizer_module)
     cfg = get_config("toy").override(TINY)
     _, h = train_tokenizer(cfg, tmp_path / "t", "semantic", steps=3, progress=False, encoder=encoder, eval_images=16)
     assert [split for split, _ in drawn] == ["train"] * 3 + ["test"] and h["eval"]["split"] == "test"
