@@ -122,8 +122,6 @@ RESUMABLE = ("steps", "schedule_steps", "log_every", "save_every")          # wh
 
 def _check_train_args(args):
     "Refuse options that do not apply to the target, or values it cannot use, before anything is built."
-    if args.resume and args.target == "encoder":
-        raise ValueError("the toy encoder's pretraining is short and keeps no checkpoints: run it again without --resume")
     stage = args.target in STAGE_TARGETS
     if args.tokenizer is not None and args.target != "decoder" and not stage:
         raise ValueError(f"--tokenizer applies to the decoder and the stages, not to '{args.target}'")
@@ -225,7 +223,7 @@ def cmd_train(args) -> int:
         if args.target == "encoder":
             from illume_ref.toy_encoder import pretrain_toy_encoder
             _, history = pretrain_toy_encoder(cfg.encoder, steps=args.steps or 200, seed=cfg.seed, out_dir=out,
-                                              world=cfg.world, device=args.device)
+                                              world=cfg.world, device=args.device, resume=args.resume)
             result = {"steps": history["steps"], "seconds": round(history["seconds"], 1)}
         elif args.target == "tokenizer":
             from illume_ref.tokenizer import train_tokenizer

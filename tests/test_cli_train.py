@@ -147,3 +147,18 @@ def test_bad_arguments_fail_before_training_and_leave_no_folder(cli, tmp_path, e
     code, stdout, err = cli("train", "tokenizer", "--out", tmp_path / "r", *enc, "--steps", 1, "--eval-images", 2)
     assert code == 0, err
     assert json.loads(stdout[stdout.index("{"):])["run_dir"] == str(tmp_path / "r")
+
+
+def test_train_encoder_then_resume(cli, tmp_path):
+    "The toy ViT's pretraining keeps checkpoints like every trainer: --resume continues the run, it does not restart."
+    out = tmp_path / "enc"
+    args = ["train", "encoder", "--out", out, "--set", "encoder.hidden_size=32", "--set", "encoder.num_layers=1",
+            "--set", "encoder.num_heads=2"]
+    code, stdout, err = cli(*args, "--steps", 2)
+    assert code == 0, err
+    assert json.loads(stdout[stdout.index("{"):])["steps"] == 2 and (out / "model.safetensors").exists()
+    code, stdout, err = cli(*args, "--steps", 3, "--resume")
+    assert code == 0, err
+    history = json.loads((out / "history.json").read_text())
+    assert history["steps"] == 3 and [h["step"] for h in history["train"]][-1] == 3
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000003"]
